@@ -1,0 +1,195 @@
+"""The model configuration: one nested `ml_collections.ConfigDict`, the single source of truth.
+
+Every behaviour of the model comes from an explicit field here; nothing dispatches on a model's
+name. Field names follow the Hugging Face `BailingMoeV2Config` where one exists, so that
+`ling_jax.convert.hf` can map `config.json` onto this structure one key at a time.
+
+Sections:
+  (top level)  sizes of the transformer trunk, dtypes, init, layer stacking.
+  rope         partial rotary embedding and its optional YaRN scaling.
+  attention    QK-norm and the attention implementation.
+  moe          routed/shared experts, router, grouped-matmul backend.
+  mtp          multi-token-prediction layers.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+SCORE_FUNCTIONS = ("sigmoid", "softmax")
+MOE_BACKENDS = ("xla", "ragged_dot", "pallas")
+ROPE_SCALING_TYPES = ("none", "yarn")
+ATTENTION_IMPLS = ("xla",)
+REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_model_config() -> ml_collections.ConfigDict:
+    """Defaults shared by the Ling 2.0 family (SPEC section 1); sizes are filled in by presets."""
+    cfg = ml_collections.ConfigDict()
+    # Trunk sizes.
+    cfg.vocab_size = 157184
+    cfg.hidden_size = 2048
+    cfg.num_layers = 20
+    cfg.num_attention_heads = 16
+    cfg.num_kv_heads = 4
+    cfg.head_dim = 128
+    cfg.intermediate_size = 5120  # Dense SwiGLU width of the first `first_k_dense_replace` layers.
+    cfg.first_k_dense_replace = 1
+    cfg.rms_norm_eps = 1e-6
+    cfg.max_position_embeddings = 32768
+    cfg.tie_word_embeddings = False
+    # Numerics and initialisation.
+    cfg.dtype = "bfloat16"  # Activation / matmul dtype.
+    cfg.param_dtype = (
+        "float32"  # Storage dtype of trained parameters (the expert bias is always fp32).
+    )
+    cfg.init_std = 0.006
+    # Layer stacking: scanned layers keep compile time flat in depth.
+    cfg.scan_layers = True
+    cfg.remat = "none"
+
+    cfg.rope = ml_collections.ConfigDict()
+    cfg.rope.theta = 600000.0
+    cfg.rope.partial_rotary_factor = 0.5
+    cfg.rope.scaling = ml_collections.ConfigDict()
+    cfg.rope.scaling.type = "none"
+    cfg.rope.scaling.factor = 4.0
+    cfg.rope.scaling.original_max_position_embeddings = 32768
+    cfg.rope.scaling.beta_fast = 32.0
+    cfg.rope.scaling.beta_slow = 1.0
+    # Attention-logit temperature; None means YaRN's 0.1 * ln(factor) + 1.
+    cfg.rope.scaling.mscale = config_dict.placeholder(float)
+
+    cfg.attention = ml_collections.ConfigDict()
+    cfg.attention.use_qk_norm = True
+    cfg.attention.impl = "xla"
+
+    cfg.moe = ml_collections.ConfigDict()
+    cfg.moe.num_experts = 256
+    cfg.moe.num_experts_per_tok = 8
+    cfg.moe.num_shared_experts = 1
+    cfg.moe.expert_intermediate_size = 512
+    cfg.moe.shared_expert_intermediate_size = 512  # Per shared expert.
+    cfg.moe.n_group = 8
+    cfg.moe.topk_group = 4
+    cfg.moe.group_score_topk = 2  # Groups are ranked by the sum of their top-2 biased scores.
+    cfg.moe.score_function = "sigmoid"
+    cfg.moe.norm_topk_prob = True
+    cfg.moe.routed_scaling_factor = 2.5
+    cfg.moe.use_expert_bias = True
+    cfg.moe.backend = "xla"
+    # Rows per tile of the XLA grouped-matmul backend; 0 chooses one from the shapes.
+    cfg.moe.xla_tile_rows = 0
+
+    cfg.mtp = ml_collections.ConfigDict()
+    cfg.mtp.num_layers = 1
+    cfg.mtp.loss_weight = 0.1
+    return cfg
+
+
+def _fail(field: str, value, expected: str) -> None:
+    raise ValueError(f"model config field `{field}` = {value!r} is invalid: expected {expected}")
+
+
+def _check_choice(cfg: ml_collections.ConfigDict, field: str, choices: tuple[str, ...]) -> None:
+    value = cfg
+    for part in field.split("."):
+        value = value[part]
+    if value not in choices:
+        _fail(field, value, f"one of {choices}")
+
+
+def _check_positive(cfg: ml_collections.ConfigDict, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        value = cfg
+        for part in field.split("."):
+            value = value[part]
+        if not value > 0:
+            _fail(field, value, "a positive number")
+
+
+def validate_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a model config once, naming the offending field; returns it unchanged."""
+    _check_positive(
+        cfg,
+        (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_kv_heads",
+            "head_dim",
+            "rms_norm_eps",
+            "init_std",
+            "rope.theta",
+            "moe.num_experts",
+            "moe.num_experts_per_tok",
+            "moe.expert_intermediate_size",
+            "moe.n_group",
+            "moe.topk_group",
+            "moe.group_score_topk",
+        ),
+    )
+    _check_choice(cfg, "dtype", DTYPES)
+    _check_choice(cfg, "param_dtype", DTYPES)
+    _check_choice(cfg, "remat", REMAT_POLICIES)
+    _check_choice(cfg, "rope.scaling.type", ROPE_SCALING_TYPES)
+    _check_choice(cfg, "attention.impl", ATTENTION_IMPLS)
+    _check_choice(cfg, "moe.score_function", SCORE_FUNCTIONS)
+    _check_choice(cfg, "moe.backend", MOE_BACKENDS)
+    if cfg.tie_word_embeddings:
+        _fail("tie_word_embeddings", True, "False (Ling 2.0 unties embedding and head)")
+    if cfg.num_attention_heads % cfg.num_kv_heads:
+        _fail(
+            "num_kv_heads",
+            cfg.num_kv_heads,
+            f"a divisor of num_attention_heads={cfg.num_attention_heads}",
+        )
+    rotary_dim = int(cfg.head_dim * cfg.rope.partial_rotary_factor)
+    if not (0 < cfg.rope.partial_rotary_factor <= 1) or rotary_dim % 2:
+        _fail(
+            "rope.partial_rotary_factor",
+            cfg.rope.partial_rotary_factor,
+            f"a fraction in (0, 1] giving an even rotary width of head_dim={cfg.head_dim}",
+        )
+    if not 0 <= cfg.first_k_dense_replace <= cfg.num_layers:
+        _fail("first_k_dense_replace", cfg.first_k_dense_replace, f"in [0, {cfg.num_layers}]")
+    if cfg.first_k_dense_replace and not cfg.intermediate_size > 0:
+        _fail("intermediate_size", cfg.intermediate_size, "positive when dense layers exist")
+    moe = cfg.moe
+    if moe.num_experts_per_tok > moe.num_experts:
+        _fail("moe.num_experts_per_tok", moe.num_experts_per_tok, f"<= {moe.num_experts}")
+    if moe.num_experts % moe.n_group:
+        _fail("moe.n_group", moe.n_group, f"a divisor of moe.num_experts={moe.num_experts}")
+    if moe.topk_group > moe.n_group:
+        _fail("moe.topk_group", moe.topk_group, f"<= moe.n_group={moe.n_group}")
+    experts_per_group = moe.num_experts // moe.n_group
+    if moe.group_score_topk > experts_per_group:
+        _fail("moe.group_score_topk", moe.group_score_topk, f"<= {experts_per_group}")
+    if moe.num_experts_per_tok > moe.topk_group * experts_per_group:
+        _fail(
+            "moe.num_experts_per_tok",
+            moe.num_experts_per_tok,
+            f"<= topk_group * experts per group = {moe.topk_group * experts_per_group}",
+        )
+    if moe.num_shared_experts < 0:
+        _fail("moe.num_shared_experts", moe.num_shared_experts, ">= 0")
+    if moe.num_shared_experts and not moe.shared_expert_intermediate_size > 0:
+        _fail(
+            "moe.shared_expert_intermediate_size",
+            moe.shared_expert_intermediate_size,
+            "positive when shared experts exist",
+        )
+    if moe.xla_tile_rows < 0:
+        _fail("moe.xla_tile_rows", moe.xla_tile_rows, ">= 0 (0 picks a tile from the shapes)")
+    if cfg.mtp.num_layers not in (0, 1):
+        _fail("mtp.num_layers", cfg.mtp.num_layers, "0 or 1")
+    if cfg.mtp.loss_weight < 0:
+        _fail("mtp.loss_weight", cfg.mtp.loss_weight, ">= 0")
+    if cfg.rope.scaling.type == "yarn":
+        _check_positive(
+            cfg, ("rope.scaling.factor", "rope.scaling.original_max_position_embeddings")
+        )
+    return cfg

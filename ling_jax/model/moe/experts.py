@@ -1,0 +1,34 @@
+"""The routed experts: E SwiGLU FFNs run as grouped matmuls over expert-sorted rows."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from ling_jax.model.moe.grouped_matmul import grouped_matmul
+from ling_jax.model.params import cast, normal_param
+
+
+class RoutedExperts(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.config = config
+        moe = config.moe
+        shape_in = (moe.num_experts, config.hidden_size, moe.expert_intermediate_size)
+        shape_out = (moe.num_experts, moe.expert_intermediate_size, config.hidden_size)
+        self.gate = normal_param(rngs, shape_in, ("exp", "embed", "expert_mlp"), config)
+        self.up = normal_param(rngs, shape_in, ("exp", "embed", "expert_mlp"), config)
+        self.down = normal_param(rngs, shape_out, ("exp", "expert_mlp", "embed"), config)
+
+    def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        # rows: [assignments, embed] sorted by expert; group_sizes: [E]
+        def gmm(lhs, weight):
+            return grouped_matmul(
+                lhs,
+                cast(weight[...], self.config),
+                group_sizes,
+                backend=self.config.moe.backend,
+                tile_rows=self.config.moe.xla_tile_rows,
+            )
+
+        hidden = jax.nn.silu(gmm(rows, self.gate)) * gmm(rows, self.up)  # [assignments, mlp]
+        return gmm(hidden, self.down)  # [assignments, embed]
