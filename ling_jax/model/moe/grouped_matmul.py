@@ -147,22 +147,21 @@ def _xla_bwd(tile_rows, out_dtype, res, dout):
     lhs, rhs, layout = res
     k, n = rhs.shape[1:]
     chunk_tiles = layout.tile_group.shape[1]
-    rhs_t = jnp.swapaxes(rhs, 1, 2)  # [g, n, k]; the transposed layouts are faster on XLA:CPU.
 
-    def chunk(drhs_t, idx):
+    def chunk(drhs, idx):
         tile_group, src = idx  # [c], [c * t]
         x = _take_rows(lhs, src).reshape(chunk_tiles, -1, k)  # [c, t, k]
         dy = _take_rows(dout, src).reshape(chunk_tiles, -1, n)  # [c, t, n]
-        w_t = jnp.take(rhs_t, tile_group, axis=0, mode="clip")  # [c, n, k]
-        dx = jnp.einsum("ctn,cnk->ctk", dy, w_t, preferred_element_type=jnp.float32)
-        dw_t = jnp.einsum("ctk,ctn->cnk", x, dy, preferred_element_type=jnp.float32)
-        drhs_t = drhs_t.at[tile_group].add(dw_t, indices_are_sorted=True)  # [g, n, k]
-        return drhs_t, dx.reshape(-1, k).astype(lhs.dtype)  # [c * t, k]
+        w = jnp.take(rhs, tile_group, axis=0, mode="clip")  # [c, k, n]
+        dx = jnp.einsum("ctn,ckn->ctk", dy, w, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("ctk,ctn->ckn", x, dy, preferred_element_type=jnp.float32)
+        drhs = drhs.at[tile_group].add(dw, indices_are_sorted=True)  # Each tile into its group.
+        return drhs, dx.reshape(-1, k).astype(lhs.dtype)  # [c * t, k]
 
-    drhs_t = jnp.zeros(rhs_t.shape, jnp.float32)
-    drhs_t, dx = jax.lax.scan(chunk, drhs_t, (layout.tile_group, layout.src))
+    drhs = jnp.zeros(rhs.shape, jnp.float32)
+    drhs, dx = jax.lax.scan(chunk, drhs, (layout.tile_group, layout.src))
     dlhs = _take_rows(dx.reshape(-1, k), layout.dest)  # [m, k]
-    return dlhs, jnp.swapaxes(drhs_t, 1, 2).astype(rhs.dtype), None
+    return dlhs, drhs.astype(rhs.dtype), None
 
 
 _xla_grouped_matmul.defvjp(_xla_fwd, _xla_bwd)
