@@ -1,0 +1,45 @@
+"""The main entry point: train (or resume) an experiment.
+
+    python -m experiments.run --config=experiments/configs/quickstart.py --workdir=runs/quickstart
+
+Any config field can be overridden on the command line, e.g. `--config.optim.peak_lr=3e-4`
+or `--config.train.num_steps=50`. Rerunning the same command resumes from the latest snapshot.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow backs clu's TensorBoard writer.
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.info("JAX %s on %s", jax.__version__, jax.devices())
+    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    for name, value in sorted(metrics.items()):
+        print(f"{name}={value:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

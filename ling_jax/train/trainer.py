@@ -1,0 +1,217 @@
+"""`train_and_evaluate(config, workdir)`: the training job behind `python -m experiments.run`.
+
+Builds the data pipeline, the model and the jitted step, resumes from the latest snapshot in
+`workdir` if there is one, then trains for `train.num_steps`, writing metrics, evaluating and
+saving snapshots periodically. SIGTERM (preemption) saves a snapshot and returns cleanly;
+rerunning the same command resumes with the same data and the same loss trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import parameter_overview, periodic_actions
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ling_jax.data import build_datasets, check_vocab
+from ling_jax.model import LingForCausalLM, flops_per_token
+from ling_jax.model.param_table import format_param_table
+from ling_jax.train.checkpointing import Checkpointer, abstract_like
+from ling_jax.train.experiment import validate_experiment_config
+from ling_jax.train.metrics import make_writer, model_flops_utilization, peak_flops_per_device
+from ling_jax.train.optimizer import make_optimizer
+from ling_jax.train.schedules import make_schedule
+from ling_jax.train.train_step import (
+    init_train_state,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a snapshot and stopping.")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _data_mesh() -> Mesh:
+    """All devices on one data-parallel axis (the full mesh arrives with ling_jax.parallel)."""
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def _to_global(batch: dict, sharding: NamedSharding) -> dict:
+    """Per-process numpy rows -> one global array per key, rows split over the data axis."""
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in batch.items()
+    }
+
+
+def evaluate(eval_step, state, batches: Iterable[dict], max_batches: int, sharding) -> dict:
+    """Mean validation loss, bits per byte, MTP loss and accuracy over the validation batches."""
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        sums = jax.device_get(eval_step(state, _to_global(batch, sharding)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    if not totals.get("tokens"):
+        return {}
+    metrics = {
+        "eval/loss": totals["ce_sum"] / totals["tokens"],
+        "eval/accuracy": totals["correct"] / totals["tokens"],
+    }
+    if totals.get("mtp_tokens"):
+        metrics["eval/mtp_loss"] = totals["mtp_ce_sum"] / totals["mtp_tokens"]
+    if totals.get("target_bytes"):
+        metrics["eval/bits_per_byte"] = totals["ce_sum"] / math.log(2) / totals["target_bytes"]
+    return metrics
+
+
+def _mean_metrics(window: list[dict]) -> dict[str, float]:
+    fetched = jax.device_get(window)
+    return {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) the experiment; returns the last evaluation metrics."""
+    config = validate_experiment_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if config.train.batch_size % process_count:
+        raise ValueError(
+            f"train.batch_size = {config.train.batch_size} does not split over "
+            f"{process_count} processes"
+        )
+    mesh = _data_mesh()
+    if config.train.batch_size % mesh.size:
+        raise ValueError(
+            f"train.batch_size = {config.train.batch_size} does not split over {mesh.size} devices"
+        )
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    datasets = build_datasets(
+        config.data,
+        workdir=workdir,
+        batch_size=config.train.batch_size // process_count,
+        process_index=process_index,
+        process_count=process_count,
+        seed=config.seed,
+    )
+    check_vocab(datasets.tokenizer, config.model.vocab_size)
+    train_iter = iter(datasets.train)
+
+    schedule = make_schedule(config.schedule, config.optim.peak_lr)
+    optimizer = make_optimizer(config.optim, schedule)
+    model = nnx.jit(lambda: LingForCausalLM(config.model, rngs=nnx.Rngs(config.seed)))()
+    graphdef, state = init_train_state(model, optimizer)
+    del model  # The train state owns the arrays now.
+    state = jax.device_put(state, replicated)
+    train_step = jit_train_step(
+        make_train_step(graphdef, optimizer, schedule, config.train, config.optim, config.model)
+    )
+    eval_step = jax.jit(make_eval_step(graphdef))
+
+    checkpointer = Checkpointer(workdir, config.checkpoint, config.model)
+    start_step = 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        logging.info("Resuming from %s/%d", checkpointer.directory, latest)
+        state = checkpointer.restore(latest, abstract_like(state), train_iter)
+        start_step = int(state.step)
+
+    writer = make_writer(workdir)
+    if start_step == 0:
+        writer.write_hparams(config.to_dict())
+        logging.info("Parameters:\n%s", format_param_table(config.model, True, config.data.seq_len))
+        logging.info(
+            "Parameter overview:\n%s",
+            parameter_overview.get_parameter_overview(
+                jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)), include_stats=False
+            ),
+        )
+    num_steps = config.train.num_steps
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    flops = flops_per_token(config.model, config.data.seq_len).total
+    peak, peak_source = peak_flops_per_device()
+    logging.info("Peak FLOP/s per device: %.3e (%s)", peak, peak_source)
+    report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+    hooks = [report_progress]
+    if config.logging.profile and process_index == 0:
+        hooks.append(
+            periodic_actions.Profile(
+                logdir=workdir,
+                num_profile_steps=config.logging.profile_num_steps,
+                first_profile=config.logging.profile_first_step,
+            )
+        )
+
+    preemption = _Preemption()
+    eval_metrics: dict[str, float] = {}
+    window: list[dict] = []
+    window_start = time.perf_counter()
+    step = start_step
+    try:
+        while step < num_steps:
+            batch = _to_global(next(train_iter), batch_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            window.append(metrics)
+            for hook in hooks:
+                hook(step)
+            last_step = step == num_steps
+            if step % config.logging.log_every_steps == 0 or last_step:
+                summary = _mean_metrics(window)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_sec = len(window) * tokens_per_step / elapsed
+                summary = {f"train/{k}" if "/" not in k else k: v for k, v in summary.items()}
+                summary["train/tokens_per_sec"] = tokens_per_sec
+                summary["train/mfu"] = model_flops_utilization(tokens_per_sec, flops, peak)
+                writer.write_scalars(step, summary)
+                window, window_start = [], time.perf_counter()
+            if step % config.eval.every_steps == 0 or last_step:
+                if datasets.validation is not None:
+                    eval_metrics = evaluate(
+                        eval_step,
+                        state,
+                        datasets.validation,
+                        config.eval.max_batches,
+                        batch_sharding,
+                    )
+                    writer.write_scalars(step, eval_metrics)
+                window_start = time.perf_counter()  # Evaluation is not training time.
+            checkpointer.save(step, state, train_iter, force=last_step or preemption.requested)
+            writer.flush()
+            if preemption.requested:
+                logging.warning("Stopped at step %d after SIGTERM; snapshot saved.", step)
+                break
+    finally:
+        preemption.restore()
+        checkpointer.close()
+        writer.close()
+        close = getattr(train_iter, "close", None)
+        if close is not None:
+            close()
+    return eval_metrics

@@ -1,0 +1,151 @@
+"""The training job end to end: resume equals an uninterrupted run, preemption, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments.configs import smoke
+from ling_jax.train.metrics import read_metrics
+from ling_jax.train.trainer import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def smoke_config(**train):
+    cfg = smoke.get_config()
+    for key, value in train.items():
+        cfg.train[key] = value
+    return cfg
+
+
+def losses(workdir: str) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[str, dict]:
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    final = train_and_evaluate(smoke_config(), workdir)
+    return workdir, final
+
+
+def test_run_trains_evaluates_and_checkpoints(uninterrupted):
+    workdir, final = uninterrupted
+    assert set(losses(workdir)) == set(range(1, 7))
+    assert {"eval/loss", "eval/bits_per_byte", "eval/mtp_loss"} <= set(final)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+    records = read_metrics(workdir)
+    assert any("train/mfu" in r and "train/tokens_per_sec" in r for r in records)
+    assert any("moe/max_load_ratio" in r for r in records)
+
+
+def test_resumed_run_equals_uninterrupted(uninterrupted, tmp_path):
+    workdir = str(tmp_path)
+    train_and_evaluate(smoke_config(num_steps=4), workdir)  # "killed" after step 4
+    final = train_and_evaluate(smoke_config(num_steps=6), workdir)  # same command, resumed
+    reference = losses(uninterrupted[0])
+    resumed = losses(workdir)
+    assert set(resumed) == set(range(1, 7))
+    for step in range(1, 7):
+        np.testing.assert_allclose(
+            resumed[step], reference[step], rtol=1e-6, err_msg=f"step {step}"
+        )
+    np.testing.assert_allclose(final["eval/loss"], uninterrupted[1]["eval/loss"], rtol=1e-6)
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(uninterrupted, tmp_path):
+    workdir = str(tmp_path)
+    train_and_evaluate(smoke_config(num_steps=2), workdir)
+    checkpoint = os.path.join(workdir, "checkpoints", "2")
+    before = sorted(os.listdir(checkpoint))
+    cfg = smoke_config(num_steps=4)
+    cfg.model.hidden_size = 32
+    with pytest.raises(ValueError, match="different model.*hidden_size"):
+        train_and_evaluate(cfg, workdir)
+    assert sorted(os.listdir(checkpoint)) == before
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    workdir = str(tmp_path)
+    train_and_evaluate(smoke_config(num_steps=2), workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "2", "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(ValueError, match="checkpoints/2 could not be restored"):
+        train_and_evaluate(smoke_config(num_steps=4), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_missing_data_glob_fails_early(tmp_path):
+    cfg = smoke_config()
+    cfg.data.source = "files"
+    cfg.data.train_files = str(tmp_path / "nothing" / "*.jsonl")
+    with pytest.raises(ValueError, match="nothing"):
+        train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_tokenizer_larger_than_model_vocab_fails(tmp_path):
+    cfg = smoke_config()
+    cfg.model.vocab_size = 280  # the smoke BPE has 300 tokens
+    with pytest.raises(ValueError, match="vocab"):
+        train_and_evaluate(cfg, str(tmp_path))
+
+
+def _run_command(workdir, *overrides):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=experiments/configs/smoke.py",
+            f"--workdir={workdir}",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_unknown_config_field_is_rejected(tmp_path):
+    proc = _run_command(tmp_path, "--config.optim.not_a_field=1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "not_a_field" in err
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+    workdir = str(tmp_path)
+    proc = _run_command(workdir, "--config.train.num_steps=1000")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and any("train/loss" in r for r in read_metrics(workdir)):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+    stopped_at = max(losses(workdir))
+    assert max(saved) == stopped_at < 1000
+    rerun = _run_command(workdir, f"--config.train.num_steps={stopped_at + 2}")
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "Resuming from" in err
+    steps = sorted(losses(workdir))
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
