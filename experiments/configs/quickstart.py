@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.batch_size = 16
     cfg.train.num_steps = 300
     cfg.optim.peak_lr = 3e-3
+    # The paper's u = 1e-3 is tuned for ~1M steps; a 300-step run needs the bias to move faster.
+    cfg.optim.bias_update_rate = 1e-2
     cfg.schedule.type = "wsm"
     cfg.schedule.warmup_steps = 30
     cfg.eval.every_steps = 100

@@ -1,0 +1,42 @@
+"""The shipped experiment configs are valid, and the recipes carry the paper's numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.configs import ling_1t, ling_flash_2, ling_mini_2, quickstart, smoke
+from ling_jax.train.experiment import validate_experiment_config
+
+TABLE_1 = {ling_mini_2: (3.36e-4, 4400), ling_flash_2: (2.61e-4, 8352), ling_1t: (1.86e-4, 18144)}
+
+
+@pytest.mark.parametrize("module", [quickstart, smoke])
+def test_cpu_configs_validate(module):
+    validate_experiment_config(module.get_config())
+
+
+@pytest.mark.parametrize("module", sorted(TABLE_1, key=lambda m: m.__name__))
+def test_pretraining_recipes(module):
+    cfg = module.get_config()
+    with pytest.raises(ValueError, match="data.train_files"):
+        validate_experiment_config(cfg)
+    cfg.data.train_files = "/data/*.arrayrecord"
+    validate_experiment_config(cfg)
+    assert (cfg.optim.peak_lr, cfg.train.batch_size) == TABLE_1[module]
+    assert cfg.schedule.type == "wsm" and cfg.schedule.warmup_steps == 2000
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (
+        0.9,
+        0.95,
+        0.1,
+        1.0,
+    )
+    assert cfg.model.init_std == 0.006 and cfg.model.mtp.loss_weight == 0.1
+    assert cfg.optim.bias_update_rate == 1e-3 and cfg.data.seq_len == 4096
+
+
+def test_quickstart_has_every_ling_feature():
+    model = quickstart.get_config().model
+    assert model.moe.num_shared_experts == 1 and model.moe.score_function == "sigmoid"
+    assert model.moe.use_expert_bias and model.moe.topk_group < model.moe.n_group
+    assert model.attention.use_qk_norm and model.rope.partial_rotary_factor == 0.5
+    assert model.mtp.num_layers == 1 and 0 < model.first_k_dense_replace < model.num_layers
