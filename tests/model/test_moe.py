@@ -85,7 +85,7 @@ def test_dispatch_and_combine_with_uneven_and_empty_groups():
     np.testing.assert_allclose(out, 2.0 * np.asarray(x) * weights.sum(-1)[:, None], rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["xla", "ragged_dot"])
+@pytest.mark.parametrize("backend", ["xla", "ragged_dot", "pallas"])
 def test_moe_layer_matches_reference(backend):
     cfg = tiny_config(backend=backend)
     layer = MoE(cfg, rngs=nnx.Rngs(0))

@@ -4,6 +4,7 @@
 (the tokens routed to one expert, sorted by expert) by that group's weight matrix in `rhs`.
 
 Backends:
+  "pallas"      `pallas_kernels.gmm`: Mosaic kernels on TPU (interpreted elsewhere, for tests).
   "ragged_dot"  `jax.lax.ragged_dot`, the reference. XLA:CPU lowers it to one masked dense matmul
                 per group, i.e. num_groups times the useful FLOPs, so it is never the CPU default.
   "xla"         Tiled batched matmul, described below. Dropless, static shapes, fully jit-able,
@@ -34,7 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-GROUPED_MATMUL_BACKENDS = ("xla", "ragged_dot")
+from pallas_kernels.gmm import gmm
+
+GROUPED_MATMUL_BACKENDS = ("xla", "ragged_dot", "pallas")
 
 _MIN_TILE_ROWS = 8
 _MAX_TILE_ROWS = 512
@@ -142,6 +145,24 @@ def _xla_fwd(lhs, rhs, group_sizes, tile_rows, out_dtype):
     return _forward(lhs, rhs, layout, out_dtype), (lhs, rhs, layout)
 
 
+def _varying_axes(x: jax.Array) -> set[str]:
+    return set(jax.typeof(x).manual_axis_type.varying)
+
+
+def _varying_like(x: jax.Array, *others: jax.Array) -> jax.Array:
+    """Marks a fresh scan carry as varying over the manual mesh axes its updates vary over
+    (inside `shard_map`, a carry must keep one type across iterations)."""
+    axes = set().union(*(_varying_axes(o) for o in others)) - _varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
+def _match_manual_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Inside `shard_map`: a weight replicated over a mesh axis gets the sum of the gradients
+    of all its users on that axis (what autodiff does for ordinary ops)."""
+    extra = _varying_axes(cotangent) - _varying_axes(primal)
+    return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
 def _xla_bwd(tile_rows, out_dtype, res, dout):
     del tile_rows, out_dtype  # Baked into the layout / dout.
     lhs, rhs, layout = res
@@ -158,10 +179,10 @@ def _xla_bwd(tile_rows, out_dtype, res, dout):
         drhs = drhs.at[tile_group].add(dw, indices_are_sorted=True)  # Each tile into its group.
         return drhs, dx.reshape(-1, k).astype(lhs.dtype)  # [c * t, k]
 
-    drhs = jnp.zeros(rhs.shape, jnp.float32)
+    drhs = _varying_like(jnp.zeros(rhs.shape, jnp.float32), lhs, rhs, dout, layout.src)
     drhs, dx = jax.lax.scan(chunk, drhs, (layout.tile_group, layout.src))
     dlhs = _take_rows(dx.reshape(-1, k), layout.dest)  # [m, k]
-    return dlhs, drhs.astype(rhs.dtype), None
+    return _match_manual_type(dlhs, lhs), _match_manual_type(drhs.astype(rhs.dtype), rhs), None
 
 
 _xla_grouped_matmul.defvjp(_xla_fwd, _xla_bwd)
@@ -206,6 +227,10 @@ def grouped_matmul(
     if backend == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
         return out.astype(out_dtype)
+    if backend == "pallas":
+        # Mosaic kernels on TPU; the Pallas interpreter elsewhere (slow: for tests only).
+        interpret = jax.default_backend() != "tpu"
+        return gmm(lhs, rhs, group_sizes, preferred_element_type=out_dtype, interpret=interpret)
     if tile_rows < 0:
         raise ValueError(f"tile_rows must be >= 0 (0 = automatic), got {tile_rows}.")
     tile_rows = tile_rows or default_tile_rows(m, num_groups)

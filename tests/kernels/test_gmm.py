@@ -1,0 +1,213 @@
+"""Pallas gmm/tgmm in interpret mode against the jnp references: values and gradients.
+
+Shapes are fixed (group sizes are traced), so each (dtype, tiling) compiles once. M, K, N are
+deliberately not multiples of the blocks: the last row tile, reduction block and column block
+overhang their arrays, and the interpreter fills overhangs and uninitialised outputs with NaN,
+so any unmasked read or unwritten output row shows up.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.fp8 import reference as fp8_ref
+from pallas_kernels.gmm import Tiling, gmm, gmm_reference, tgmm, tgmm_reference, tuning
+
+M, K, N, G = 200, 192, 160, 6
+TILING = Tiling(32, 128, 128)  # Row tiles of 32: many tiles straddle groups.
+SUB_TILING = Tiling(64, 128, 128, sub_m=32)  # Two row sub-tiles per tile, skipped when missed.
+
+GROUP_SIZES = {
+    "uneven": [30, 5, 45, 7, 60, 53],
+    "first_and_last_empty": [0, 70, 33, 0, 97, 0],
+    "all_in_one_group": [0, 0, 200, 0, 0, 0],
+    "tile_multiples": [32, 64, 0, 32, 32, 40],
+    "padding_rows": [17, 0, 40, 3, 0, 31],  # 91 of 200 rows used.
+    "all_padding": [0, 0, 0, 0, 0, 0],
+}
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=2e-1)}
+
+
+def make_inputs(seed: int, dtype, num_local: int = G, transpose_rhs: bool = False):
+    rng = np.random.default_rng(seed)
+    lhs = jnp.asarray(rng.normal(size=(M, K)), dtype)
+    rhs_shape = (num_local, N, K) if transpose_rhs else (num_local, K, N)
+    rhs = jnp.asarray(rng.normal(size=rhs_shape) / np.sqrt(K), dtype)
+    cotangent = jnp.asarray(rng.normal(size=(M, N)), jnp.float32)
+    return lhs, rhs, cotangent
+
+
+@functools.cache
+def value_and_grads(fn_name: str, tiling=TILING, transpose_rhs=False):
+    """jit(lhs, rhs, sizes, offset, cot) -> (out, (d lhs, d rhs)) of sum(out * cot)."""
+
+    def fn(lhs, rhs, sizes, offset):
+        if fn_name == "kernel":
+            return gmm(
+                lhs,
+                rhs,
+                sizes,
+                tiling=tiling,
+                group_offset=offset,
+                transpose_rhs=transpose_rhs,
+                interpret=True,
+            )
+        return gmm_reference(lhs, rhs, sizes, group_offset=offset, transpose_rhs=transpose_rhs)
+
+    def loss(lhs, rhs, sizes, offset, cot):
+        out = fn(lhs, rhs, sizes, offset)
+        return jnp.vdot(out.astype(jnp.float32), cot), out
+
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    return jax.jit(lambda *args: (lambda r: (r[0][1], r[1]))(grad_fn(*args)))
+
+
+def check_against_reference(
+    sizes, dtype, *, tiling=TILING, num_local=G, offset=0, transpose_rhs=False, seed=0
+):
+    lhs, rhs, cot = make_inputs(seed, dtype, num_local, transpose_rhs)
+    sizes = jnp.asarray(sizes, jnp.int32)
+    offset = jnp.int32(offset)
+    out, grads = value_and_grads("kernel", tiling, transpose_rhs)(lhs, rhs, sizes, offset, cot)
+    ref_out, ref_grads = value_and_grads("reference", TILING, transpose_rhs)(
+        lhs, rhs, sizes, offset, cot
+    )
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == (M, N)
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), **tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.float32(got), np.float32(want), **tol)
+    # Rows outside the local groups: exactly zero, with exactly zero gradient.
+    ends = np.cumsum(np.asarray(sizes))
+    starts = ends - np.asarray(sizes)
+    lo, hi = starts[offset], ends[offset + num_local - 1]
+    outside = np.r_[0:lo, hi:M]
+    assert np.all(np.float32(out)[outside] == 0)
+    assert np.all(np.float32(grads[0])[outside] == 0)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", GROUP_SIZES)
+def test_gmm_values_and_grads(case, dtype):
+    check_against_reference(GROUP_SIZES[case], dtype)
+
+
+@pytest.mark.parametrize("case", ["uneven", "first_and_last_empty", "padding_rows"])
+def test_gmm_row_sub_tiles(case):
+    check_against_reference(GROUP_SIZES[case], jnp.float32, tiling=SUB_TILING)
+
+
+@pytest.mark.parametrize("offset", [0, 2, 3])
+def test_gmm_group_offset(offset):
+    """rhs holds 3 of the 6 groups (expert sharding); other groups' rows give zeros."""
+    check_against_reference(GROUP_SIZES["uneven"], jnp.float32, num_local=3, offset=offset)
+    check_against_reference(
+        GROUP_SIZES["first_and_last_empty"], jnp.float32, num_local=3, offset=offset
+    )
+
+
+@pytest.mark.parametrize("case", ["uneven", "padding_rows"])
+def test_gmm_transpose_rhs(case):
+    check_against_reference(GROUP_SIZES[case], jnp.float32, transpose_rhs=True)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    st.lists(st.integers(0, 80), min_size=G, max_size=G).filter(lambda s: sum(s) <= M),
+    st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
+def test_gmm_random_group_sizes(sizes, dtype):
+    check_against_reference(sizes, dtype, seed=sum(sizes))
+
+
+@pytest.mark.parametrize("offset,num_local", [(0, G), (1, 4)])
+def test_tgmm(offset, num_local):
+    lhs, _, grad = make_inputs(1, jnp.float32)
+    sizes = jnp.asarray(GROUP_SIZES["first_and_last_empty"], jnp.int32)
+    got = tgmm(
+        lhs,
+        grad,
+        sizes,
+        tiling=TILING,
+        group_offset=offset,
+        num_local=num_local,
+        interpret=True,
+    )
+    want = tgmm_reference(lhs, grad, sizes, num_local=num_local, group_offset=offset)
+    assert got.shape == (num_local, K, N)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    empty = [g - offset for g in range(offset, offset + num_local) if sizes[g] == 0]
+    assert np.all(np.asarray(got)[empty] == 0)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_gmm_fp8_operands(transpose_rhs):
+    """E4M3 operands with 1x128 / 128x128 scales: equal to dequantize-then-matmul in fp32."""
+    lhs, rhs, _ = make_inputs(2, jnp.float32, transpose_rhs=transpose_rhs)
+    lq, ls = fp8_ref.quantize_rowwise(lhs * 30)
+    wq, ws = fp8_ref.quantize_blockwise(rhs)
+    sizes = jnp.asarray(GROUP_SIZES["uneven"], jnp.int32)
+    kwargs = dict(lhs_scale=ls, rhs_scale=ws, transpose_rhs=transpose_rhs)
+    got = gmm(
+        lq, wq, sizes, tiling=TILING, preferred_element_type=jnp.float32, interpret=True, **kwargs
+    )
+    want = gmm_reference(lq, wq, sizes, preferred_element_type=jnp.float32, **kwargs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    assert gmm(lq, wq, sizes, tiling=TILING, interpret=True, **kwargs).dtype == jnp.bfloat16
+
+
+def test_gmm_rejects_bad_inputs():
+    lhs, rhs, _ = make_inputs(0, jnp.float32)
+    sizes = jnp.asarray(GROUP_SIZES["uneven"], jnp.int32)
+    with pytest.raises(ValueError, match="contraction dims"):
+        gmm(lhs[:, :100], rhs, sizes, interpret=True)
+    with pytest.raises(ValueError, match="int32"):
+        gmm(lhs, rhs, sizes.astype(jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match="tiling.tm"):
+        gmm(lhs, rhs, sizes, tiling=(20, 128, 128), interpret=True)
+    with pytest.raises(ValueError, match="tiling.tk"):
+        gmm(lhs, rhs, sizes, tiling=(32, 100, 128), interpret=True)
+    with pytest.raises(ValueError, match="lhs_scale"):
+        gmm(lhs.astype(jnp.float8_e4m3fn), rhs, sizes, interpret=True)
+
+
+def test_tiling_table_fits_vmem():
+    for (k, n), (tm, tk, tn) in tuning.TABLE.items():
+        t = tuning.default_tiling(65536, k, n)
+        assert (t.tm, t.tk, t.tn) == (tm, tk, tn)
+        assert tuning.gmm_vmem_bytes(t, 2, 2) <= tuning.VMEM_BUDGET, (k, n)
+        tg = tuning.fit_tgmm(t, k, n, 2, 2)
+        assert tuning.tgmm_vmem_bytes(tg, 2, 2) <= tuning.VMEM_BUDGET, (k, n)
+
+
+def test_tiling_rule_reproduces_table(monkeypatch):
+    """The table pins the rule's choices; they must stay what the rule would pick."""
+    table = dict(tuning.TABLE)
+    monkeypatch.setattr(tuning, "TABLE", {})
+    for (k, n), (tm, tk, tn) in table.items():
+        t = tuning.default_tiling(65536, k, n)
+        assert (t.tm, t.tk, t.tn) == (tm, tk, tn), (k, n)
+
+
+def test_megacore_gets_two_parallel_blocks():
+    t = tuning.default_tiling(65536, 2048, 512, device_kind="TPU v5")
+    assert -(-512 // t.tn) >= 2
+    tg = tuning.fit_tgmm(tuning.Tiling(512, 2048, 512), 2048, 512, 2, 2, "TPU v5")
+    assert -(-2048 // tg.tk) * -(-512 // tg.tn) >= 2
+
+
+def test_default_tiling_small_and_odd_shapes():
+    t = tuning.default_tiling(100, 96, 200)
+    assert t == Tiling(100, 96, 200, 0)  # Whole dims: always legal blocks.
+    t = tuning.default_tiling(4096, 6000, 2500, dtype=jnp.float32)
+    assert t.tk % 128 == 0 and t.tn % 128 == 0 and t.tm in (256, 512)
+    assert tuning.gmm_vmem_bytes(t, 4, 4) <= tuning.VMEM_BUDGET
