@@ -21,7 +21,30 @@ from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU pods."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    """Joins the other processes of the run, if there are any.
+
+    On a multi-host TPU slice or multislice, JAX finds its peers from the TPU environment; on
+    other machines (e.g. several CPU processes on localhost) pass the three flags above.
+    """
+    if _COORDINATOR.value is not None:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+        return
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -35,6 +58,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    initialize_distributed()
     logging.info("JAX %s on %s", jax.__version__, jax.devices())
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     for name, value in sorted(metrics.items()):

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.tokenizer_train_max_bytes = 200_000
     cfg.data.seq_len = 32
     cfg.data.batch_prefetch = 0
-    cfg.train.batch_size = 4
+    cfg.train.batch_size = 8
     cfg.train.num_steps = 6
     cfg.optim.peak_lr = 3e-3
     cfg.schedule.warmup_steps = 2

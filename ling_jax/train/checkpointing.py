@@ -26,7 +26,15 @@ CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "meta")
 
 # Model fields that change how the model runs, not what its parameters are.
-_RUNTIME_MODEL_FIELDS = ("dtype", "scan_layers", "remat", "moe.backend", "moe.xla_tile_rows")
+_RUNTIME_MODEL_FIELDS = (
+    "dtype",
+    "scan_layers",
+    "remat",
+    "moe.backend",
+    "moe.xla_tile_rows",
+    "attention.impl",
+    "attention.chunk_size",
+)
 
 
 def default_checkpoint_config() -> ml_collections.ConfigDict:
@@ -83,9 +91,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
-        """Saves if `step` is due (or `force`); returns whether a save started."""
-        meta = {"step": int(step), "model": self._model_fields}
+    def save(
+        self, step: int, state, data_iterator, *, force: bool = False, extra_meta=None
+    ) -> bool:
+        """Saves if `step` is due (or `force`); returns whether a save started. `extra_meta`
+        adds entries to the meta item (e.g. `merge`: how a WSM-merged snapshot was made)."""
+        meta = {"step": int(step), "model": self._model_fields, **(extra_meta or {})}
         return self.manager.save(
             step,
             args=ocp.args.Composite(

@@ -8,6 +8,7 @@
     eval        evaluation cadence and size
     checkpoint  orbax snapshot cadence and retention
     logging     metric cadence and profiling
+    mesh        device mesh axis sizes (data, fsdp, expert, tensor) within and across slices
     seed        parameter initialisation and data order
 
 `experiments/configs/*.py` build on `default_experiment_config()`; `validate_experiment_config`
@@ -20,6 +21,7 @@ import ml_collections
 
 from ling_jax.configs import validate_model_config
 from ling_jax.data.config import default_data_config, validate_data_config
+from ling_jax.parallel.mesh import default_mesh_config
 from ling_jax.train.checkpointing import default_checkpoint_config, validate_checkpoint_config
 from ling_jax.train.config import (
     default_optim_config,
@@ -29,12 +31,19 @@ from ling_jax.train.config import (
     validate_schedule_config,
     validate_train_config,
 )
+from ling_jax.train.merged_eval import validate_merged_eval_config
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.every_steps = 100  # Evaluate on the validation split every this many steps and at the end.
     cfg.max_batches = 8  # Validation batches per evaluation; 0 means the whole split.
+    # WSM: every this many steps also evaluate the merge of the latest snapshots, logged as
+    # eval/merged_loss etc. (0 disables). A multiple of the snapshot spacing below.
+    cfg.merged_every_steps = 0
+    cfg.merged_num_snapshots = 8  # How many snapshots (the latest, the current step's included).
+    cfg.merged_spacing = 0  # Merge only snapshots at multiples of this; 0: every snapshot.
+    cfg.merged_decay_shape = "linear"  # Emulated decay: linear (mean), cosine or 1-sqrt.
     return cfg
 
 
@@ -57,13 +66,24 @@ def default_experiment_config(model: ml_collections.ConfigDict) -> ml_collection
     cfg.eval = default_eval_config()
     cfg.checkpoint = default_checkpoint_config()
     cfg.logging = default_logging_config()
+    cfg.mesh = default_mesh_config()
     cfg.seed = 0
     return cfg
 
 
 def validate_experiment_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every section once; errors name the field (e.g. `optim.peak_lr`)."""
-    expected = {"model", "data", "optim", "schedule", "train", "eval", "checkpoint", "logging"}
+    expected = {
+        "model",
+        "data",
+        "optim",
+        "schedule",
+        "train",
+        "eval",
+        "checkpoint",
+        "logging",
+        "mesh",
+    }
     missing = expected - set(cfg.keys())
     if missing:
         raise ValueError(f"experiment config lacks the section(s) {sorted(missing)}")
@@ -78,6 +98,7 @@ def validate_experiment_config(cfg: ml_collections.ConfigDict) -> ml_collections
             raise ValueError(f"{section}.{field} = {cfg[section][field]!r}: expected > 0")
     if cfg.eval.max_batches < 0:
         raise ValueError(f"eval.max_batches = {cfg.eval.max_batches!r}: expected >= 0")
+    validate_merged_eval_config(cfg)
     if cfg.data.seq_len > cfg.model.max_position_embeddings:
         raise ValueError(
             f"data.seq_len = {cfg.data.seq_len} exceeds model.max_position_embeddings = "

@@ -20,18 +20,22 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from ling_jax.data import build_datasets, check_vocab
-from ling_jax.model import LingForCausalLM, flops_per_token
+from ling_jax.model import flops_per_token
 from ling_jax.model.param_table import format_param_table
+from ling_jax.parallel.mesh import BATCH_AXES, batch_axes_size, make_mesh
 from ling_jax.train.checkpointing import Checkpointer, abstract_like
 from ling_jax.train.experiment import validate_experiment_config
+from ling_jax.train.merged_eval import MergedEvaluation
 from ling_jax.train.metrics import make_writer, model_flops_utilization, peak_flops_per_device
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.schedules import make_schedule
+from ling_jax.train.sharded_state import init_sharded_train_state
 from ling_jax.train.train_step import (
-    init_train_state,
+    batch_sharding,
+    jit_eval_step,
     jit_train_step,
     make_eval_step,
     make_train_step,
@@ -51,11 +55,6 @@ class _Preemption:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def _data_mesh() -> Mesh:
-    """All devices on one data-parallel axis (the full mesh arrives with ling_jax.parallel)."""
-    return Mesh(np.array(jax.devices()), ("data",))
 
 
 def _to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -104,13 +103,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"train.batch_size = {config.train.batch_size} does not split over "
             f"{process_count} processes"
         )
-    mesh = _data_mesh()
-    if config.train.batch_size % mesh.size:
+    mesh = make_mesh(config.mesh)
+    if config.train.batch_size % batch_axes_size(mesh):
         raise ValueError(
-            f"train.batch_size = {config.train.batch_size} does not split over {mesh.size} devices"
+            f"train.batch_size = {config.train.batch_size} does not split over the "
+            f"{batch_axes_size(mesh)} devices of the mesh's batch axes {BATCH_AXES}"
         )
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    row_sharding = batch_sharding(mesh)
 
     datasets = build_datasets(
         config.data,
@@ -125,14 +124,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     schedule = make_schedule(config.schedule, config.optim.peak_lr)
     optimizer = make_optimizer(config.optim, schedule)
-    model = nnx.jit(lambda: LingForCausalLM(config.model, rngs=nnx.Rngs(config.seed)))()
-    graphdef, state = init_train_state(model, optimizer)
-    del model  # The train state owns the arrays now.
-    state = jax.device_put(state, replicated)
-    train_step = jit_train_step(
-        make_train_step(graphdef, optimizer, schedule, config.train, config.optim, config.model)
+    graphdef, state, shardings = init_sharded_train_state(
+        config.model, optimizer, mesh, config.seed
     )
-    eval_step = jax.jit(make_eval_step(graphdef))
+    train_step = jit_train_step(
+        make_train_step(graphdef, optimizer, schedule, config.train, config.optim, config.model),
+        mesh=mesh,
+        state_shardings=shardings,
+    )
+    eval_step = jit_eval_step(make_eval_step(graphdef), mesh=mesh, state_shardings=shardings)
 
     checkpointer = Checkpointer(workdir, config.checkpoint, config.model)
     start_step = 0
@@ -168,14 +168,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         )
 
+    merged_eval = MergedEvaluation(config, workdir, checkpointer, shardings)
     preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
     window: list[dict] = []
     window_start = time.perf_counter()
     step = start_step
     try:
+        if step >= num_steps and datasets.validation is not None:
+            # Nothing to train (e.g. a WSM-merged snapshot at its own step): evaluate it only.
+            eval_metrics = evaluate(
+                eval_step, state, datasets.validation, config.eval.max_batches, row_sharding
+            )
+            writer.write_scalars(step, eval_metrics)
         while step < num_steps:
-            batch = _to_global(next(train_iter), batch_sharding)
+            batch = _to_global(next(train_iter), row_sharding)
             state, metrics = train_step(state, batch)
             step += 1
             window.append(metrics)
@@ -198,11 +205,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         state,
                         datasets.validation,
                         config.eval.max_batches,
-                        batch_sharding,
+                        row_sharding,
                     )
                     writer.write_scalars(step, eval_metrics)
                 window_start = time.perf_counter()  # Evaluation is not training time.
             checkpointer.save(step, state, train_iter, force=last_step or preemption.requested)
+            if merged_eval.due(step) and datasets.validation is not None:
+                merged_state = merged_eval.merged_state(step, state)
+                if merged_state is not None:
+                    merged_metrics = evaluate(
+                        eval_step,
+                        merged_state,
+                        datasets.validation,
+                        config.eval.max_batches,
+                        row_sharding,
+                    )
+                    del merged_state
+                    writer.write_scalars(
+                        step,
+                        {k.replace("eval/", "eval/merged_"): v for k, v in merged_metrics.items()},
+                    )
+                window_start = time.perf_counter()
             writer.flush()
             if preemption.requested:
                 logging.warning("Stopped at step %d after SIGTERM; snapshot saved.", step)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -102,7 +103,14 @@ def test_tokenizer_larger_than_model_vocab_fails(tmp_path):
 
 
 def _run_command(workdir, *overrides):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # One CPU device (the in-process tests cover the 8-device mesh) and the session's XLA cache.
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     return subprocess.Popen(
         [
             sys.executable,

@@ -8,13 +8,15 @@ from flax import nnx, struct
 
 from ling_jax.model.mlp import SwiGLU
 from ling_jax.model.moe.dispatch import combine, sort_by_expert
+from ling_jax.model.moe.expert_parallel import exchange_with_expert_owners, sharded_moe
 from ling_jax.model.moe.experts import RoutedExperts
 from ling_jax.model.moe.router import Router, expert_token_counts
+from ling_jax.parallel import sharding
 
 
 @struct.dataclass
 class MoEStats:
-    """Per-layer router statistics, summed or averaged over the layer's valid tokens."""
+    """Per-layer router statistics over the layer's valid tokens (the whole global batch)."""
 
     expert_counts: jax.Array  # [E] fp32, tokens that chose each expert (bias-update input)
     z_loss: jax.Array  # [] fp32, mean over valid tokens of logsumexp(router logits)^2
@@ -35,22 +37,44 @@ class MoE(nnx.Module):
         batch, seq, embed = x.shape
         flat = x.reshape(batch * seq, embed)
         flat_mask = token_mask.reshape(-1)
-        routing = self.router(flat)
-        rows, dispatch = sort_by_expert(flat, routing.expert_index, self.config.moe.num_experts)
-        expert_out = self.experts(rows, dispatch.group_sizes)
-        # The reference combines in fp32 and casts before adding the shared expert.
-        y = combine(expert_out, routing.gate_weight, dispatch).astype(x.dtype)
-        if self.config.moe.num_shared_experts:
-            y = y + self.shared_expert(flat)
-        stats = MoEStats(
-            expert_counts=expert_token_counts(
-                routing.expert_index, self.config.moe.num_experts, flat_mask
-            ),
-            z_loss=_masked_mean(jax.nn.logsumexp(routing.logits, axis=-1) ** 2, flat_mask),
-        )
+        context = sharding.active()
+        if context is None:
+            y, stats = self.dispatch_tokens(flat, flat_mask)
+        else:
+            y, stats = sharded_moe(self, flat, flat_mask, context)
         return y.reshape(batch, seq, embed), stats
 
+    def dispatch_tokens(
+        self,
+        flat: jax.Array,
+        flat_mask: jax.Array,
+        expert_axis: tuple[str, int] | None = None,
+        batch_axes: tuple[str, ...] = (),
+    ) -> tuple[jax.Array, MoEStats]:
+        """Routes, runs and combines the experts for a flat batch of tokens.
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    mask = mask.astype(jnp.float32)
-    return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        flat: [tokens, embed]; flat_mask: [tokens]. Under shard_map, `expert_axis` = (mesh
+        axis, size) when this device holds only its share of the experts, and `batch_axes`
+        are the axes whose devices hold other tokens (the statistics are summed over them).
+        """
+        num_experts = self.config.moe.num_experts
+        routing = self.router(flat)
+        rows, dispatch = sort_by_expert(flat, routing.expert_index, num_experts)
+        if expert_axis is None:
+            expert_out = self.experts(rows, dispatch.group_sizes)
+        else:
+            expert_out = exchange_with_expert_owners(
+                rows, dispatch.group_sizes, self.experts, *expert_axis
+            )
+        # The reference combines in fp32 and casts before adding the shared expert.
+        y = combine(expert_out, routing.gate_weight, dispatch).astype(flat.dtype)
+        if self.config.moe.num_shared_experts:
+            y = y + self.shared_expert(flat)
+
+        mask = flat_mask.astype(jnp.float32)
+        counts = expert_token_counts(routing.expert_index, num_experts, flat_mask)
+        z_sum = (jax.nn.logsumexp(routing.logits, axis=-1) ** 2 * mask).sum()
+        valid = mask.sum()
+        if batch_axes:
+            counts, z_sum, valid = jax.lax.psum((counts, z_sum, valid), batch_axes)
+        return y, MoEStats(expert_counts=counts, z_loss=z_sum / jnp.maximum(valid, 1.0))

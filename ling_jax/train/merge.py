@@ -1,0 +1,371 @@
+"""WSM checkpoint merging: select orbax snapshots, average their weights, write the result.
+
+    steps = select_steps(snapshot_steps(workdir), last=8)
+    target = merge_target(config)                            # abstract params + expert_bias
+    merged = merge_snapshots(workdir, steps, merge_weights(len(steps), "linear"), target,
+                             model_fields(config))          # fp32, structure of `target`
+    write_merged_checkpoint(config, output_workdir, merged, source_workdir=workdir,
+                            step=steps[-1], info={...})      # a snapshot experiments.run resumes
+
+Only the model weights are merged: `state.params` and the fp32 router `state.expert_bias`, with
+the same weights. Each snapshot's two subtrees are read with an orbax partial restore (the
+optimizer state is never read), accumulated in fp32 and released before the next one is read,
+so host memory holds one snapshot's weights plus the running sum however many are merged.
+Every selected snapshot is checked first (metadata only): a missing snapshot, a partial one
+(an item absent), one written for other model fields, or one whose weight shapes differ is
+refused with an error naming it, before any weight is read.
+
+The merged snapshot is a regular one, `<output>/checkpoints/<step>/` at the last merged step:
+the merged weights, a fresh optimizer state (zero Adam moments; its step counts set to the
+merged step so the learning-rate schedule and the logged `lr` continue where the run stood,
+while bias correction damps the first updates as the moments refill), the data-iterator state
+of the last merged snapshot (a resumed run reads the batches that run would have read next) and
+`meta["merge"]` recording the source, the steps and the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from ling_jax.model import LingForCausalLM
+from ling_jax.model.params import ExpertBias
+from ling_jax.train.checkpointing import CHECKPOINT_DIR, ITEMS, Checkpointer, _identity_fields
+from ling_jax.train.metrics import METRICS_FILE, read_metrics
+from ling_jax.train.optimizer import make_optimizer
+from ling_jax.train.schedules import make_schedule
+from ling_jax.train.train_step import TrainState
+
+# The subtrees of the saved TrainState that a merge reads (never `opt_state`).
+WEIGHT_ITEMS = ("params", "expert_bias")
+TOKENIZER_DIR = "tokenizer"
+
+
+# --- Selection ------------------------------------------------------------------------------
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def snapshot_steps(workdir: str) -> list[int]:
+    """Steps of the snapshots in `<workdir>/checkpoints` (orbax's unfinished tmp dirs skipped)."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} does not exist: no snapshots to merge")
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def validation_losses(workdir: str) -> dict[int, float]:
+    """step -> the `eval/loss` logged at that step in `<workdir>/metrics.jsonl` (the last record
+    of a step wins, e.g. after a resumed run re-evaluated it)."""
+    if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
+        raise ValueError(f"{os.path.join(workdir, METRICS_FILE)} does not exist: no eval/loss")
+    return {r["step"]: r["eval/loss"] for r in read_metrics(workdir) if "eval/loss" in r}
+
+
+def select_steps(
+    available: Sequence[int],
+    *,
+    last: int = 0,
+    top: int = 0,
+    steps: Sequence[int] = (),
+    min_step: int | None = None,
+    max_step: int | None = None,
+    every: int = 0,
+    losses: Mapping[int, float] | None = None,
+) -> list[int]:
+    """The snapshot steps to merge, ascending (the order the merge weights refer to).
+
+    steps:   exactly these (each must exist; excludes the other rules).
+    Otherwise the candidates are the available steps in [min_step, max_step] that are
+    multiples of `every` (0: all), and
+    last=N:  the latest N candidates;
+    top=N:   the N candidates with the lowest validation loss `losses[step]` (candidates
+             without a logged loss are not ranked);
+    neither: every candidate.
+    Raises ValueError when the rules cannot be met, naming what is there.
+    """
+    available = sorted(set(available))
+    if steps:
+        if last or top or min_step is not None or max_step is not None or every:
+            raise ValueError("explicit steps exclude last/top/min_step/max_step/every")
+        missing = sorted(set(steps) - set(available))
+        if missing:
+            raise ValueError(f"snapshot(s) {missing} do not exist; available: {available}")
+        return sorted(set(steps))
+    if last and top:
+        raise ValueError(f"choose last={last} or top={top}, not both")
+    if last < 0 or top < 0 or every < 0:
+        raise ValueError(f"last={last}, top={top}, every={every}: expected >= 0")
+    candidates = [
+        s
+        for s in available
+        if (min_step is None or s >= min_step)
+        and (max_step is None or s <= max_step)
+        and (every == 0 or s % every == 0)
+    ]
+    rules = f"(min_step={min_step}, max_step={max_step}, every={every})"
+    if not candidates:
+        raise ValueError(f"no snapshot matches {rules}; available: {available}")
+    if last:
+        if len(candidates) < last:
+            raise ValueError(
+                f"last={last} asks for more snapshots than the {len(candidates)} matching "
+                f"{rules}: {candidates}"
+            )
+        return candidates[-last:]
+    if top:
+        if losses is None:
+            raise ValueError("top=N needs the validation losses (metrics.jsonl)")
+        ranked = sorted((losses[s], s) for s in candidates if s in losses)
+        if len(ranked) < top:
+            raise ValueError(
+                f"top={top}: only {len(ranked)} of the snapshots {candidates} have an eval/loss "
+                f"logged at their step ({[s for _, s in ranked]}); evaluate at every snapshot "
+                "(eval.every_steps dividing checkpoint.every_steps) or ask for fewer"
+            )
+        return sorted(s for _, s in ranked[:top])
+    return candidates
+
+
+# --- Checking and reading snapshots ---------------------------------------------------------
+
+
+def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The model fields a snapshot's meta records (runtime-only fields excluded), as JSON."""
+    return json.loads(json.dumps(_identity_fields(config.model)))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict):
+    """(optimizer, the abstract `TrainState` a run of `config` holds), without allocating."""
+    optimizer = make_optimizer(config.optim, make_schedule(config.schedule, config.optim.peak_lr))
+    model = nnx.eval_shape(lambda: LingForCausalLM(config.model, rngs=nnx.Rngs(config.seed)))
+    _, params, expert_bias = nnx.split(model, nnx.Param, ExpertBias)
+    params, expert_bias = nnx.as_pure(params), nnx.as_pure(expert_bias)
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        expert_bias=expert_bias,
+        opt_state=jax.eval_shape(optimizer.init, params),
+    )
+    return optimizer, state
+
+
+def merge_target(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{"params", "expert_bias"}: the abstract weights (ShapeDtypeStructs) a merge fills."""
+    _, state = abstract_train_state(config)
+    return {"params": state.params, "expert_bias": state.expert_bias}
+
+
+def _key(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key(k) for k in path): leaf for path, leaf in leaves}
+
+
+def check_snapshot(
+    workdir: str, step: int, fields: Mapping[str, Any], target: Mapping[str, Any]
+) -> dict:
+    """Checks snapshot `step` of `workdir` from its metadata alone; returns its meta.
+
+    Raises ValueError naming the snapshot if it is missing, partial (an item absent or
+    unreadable), written for other model fields, or holds weights of other shapes or dtypes.
+    """
+    path = os.path.join(checkpoint_dir(workdir), str(step))
+    if not os.path.isdir(path):
+        raise ValueError(f"snapshot {path} does not exist (available: {snapshot_steps(workdir)})")
+    absent = [item for item in ITEMS if not os.path.isdir(os.path.join(path, item))]
+    if absent:
+        raise ValueError(f"snapshot {path} is partial: it lacks the item(s) {absent}")
+    try:
+        meta = ocp.JsonCheckpointHandler().restore(epath.Path(path) / "meta")
+        stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path) / "state").tree
+    except Exception as error:  # orbax raises many types for a damaged directory
+        raise ValueError(f"snapshot {path} is partial or damaged: {error}") from error
+    saved_fields = meta.get("model", {})
+    diffs = [
+        f"model.{k}: snapshot {saved_fields.get(k)!r} vs config {fields.get(k)!r}"
+        for k in sorted(set(saved_fields) | set(fields))
+        if saved_fields.get(k) != fields.get(k)
+    ]
+    if diffs:
+        raise ValueError(f"snapshot {path} was written for a different model: " + "; ".join(diffs))
+    expected = _flat({item: target[item] for item in WEIGHT_ITEMS})
+    found = _flat({item: stored.get(item, {}) for item in WEIGHT_ITEMS})
+    problems = [f"missing {name}" for name in sorted(set(expected) - set(found))]
+    problems += [f"unexpected {name}" for name in sorted(set(found) - set(expected))]
+    for name in sorted(set(expected) & set(found)):
+        want, have = expected[name], found[name]
+        if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
+            problems.append(
+                f"{name} is {have.dtype}{list(have.shape)}, expected {want.dtype}{list(want.shape)}"
+            )
+    if problems:
+        raise ValueError(
+            f"snapshot {path} does not match the model's weights: " + "; ".join(problems)
+        )
+    return meta
+
+
+def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[str, Any]:
+    """Reads only `state.params` and `state.expert_bias` of a snapshot, as host numpy arrays
+    in the structure of `target` (an orbax partial restore: `opt_state` is not read)."""
+    path = epath.Path(checkpoint_dir(workdir)) / str(step) / "state"
+    item = {name: target[name] for name in WEIGHT_ITEMS}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.restore(
+            path,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )
+    except Exception as error:
+        raise ValueError(f"snapshot {path.parent} could not be read: {error}") from error
+    finally:
+        handler.close()
+
+
+def merge_snapshots(
+    workdir: str,
+    steps: Sequence[int],
+    weights: Sequence[float] | np.ndarray,
+    target: Mapping[str, Any],
+    fields: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Σ_j weights[j] · weights of snapshot steps[j], in fp32, with the structure of `target`.
+
+    All snapshots are checked (metadata) before the first is read; then they are read one at a
+    time and added into the running fp32 sum.
+    """
+    weights = np.asarray(weights, np.float64)
+    if len(steps) != len(weights) or not steps:
+        raise ValueError(f"{len(steps)} snapshots {list(steps)} but {len(weights)} weights")
+    for step in steps:
+        check_snapshot(workdir, step, fields, target)
+    total = None
+    for step, weight in zip(steps, weights, strict=True):
+        snapshot = restore_weights(workdir, step, target)
+        total = _accumulate(total, snapshot, np.float32(weight))
+        del snapshot  # One snapshot's weights live at a time.
+    return total
+
+
+def _accumulate(total: Any, snapshot: Any, weight: np.float32) -> Any:
+    """total + weight * snapshot in fp32, in place (total None: the first term)."""
+    if total is None:
+        return jax.tree.map(lambda x: weight * np.asarray(x, np.float32), snapshot)
+    return jax.tree.map(
+        lambda acc, x: np.add(acc, weight * np.asarray(x, np.float32), out=acc), total, snapshot
+    )
+
+
+def cast_like(tree: Any, target: Any) -> Any:
+    """fp32 merged leaves -> the target's dtypes (e.g. bf16 params; expert biases stay fp32)."""
+    return jax.tree.map(lambda x, t: np.asarray(x).astype(t.dtype), tree, target)
+
+
+# --- Writing --------------------------------------------------------------------------------
+
+
+class _SavedIteratorState:
+    """Stands in for the grain iterator when saving: its state is another snapshot's."""
+
+    def __init__(self, state: bytes):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def _reset_counts(opt_state: Any, step: int) -> Any:
+    """Sets the optax step counts (Adam's bias correction, the schedule's count) to `step`."""
+
+    def reset(path, leaf):
+        return jnp.full_like(leaf, step) if path and _key(path[-1]) == "count" else leaf
+
+    return jax.tree_util.tree_map_with_path(reset, opt_state)
+
+
+def write_merged_checkpoint(
+    config: ml_collections.ConfigDict,
+    output_workdir: str,
+    merged: Mapping[str, Any],
+    *,
+    source_workdir: str,
+    step: int,
+    info: Mapping[str, Any],
+) -> str:
+    """Writes `merged` as snapshot `step` of `output_workdir`; returns its path.
+
+    The data state comes from snapshot `step` of `source_workdir`, the trained tokenizer (if
+    any) is copied along, and `meta["merge"] = info`. Refuses an output holding snapshots.
+    """
+    source_workdir, output_workdir = (
+        os.path.abspath(source_workdir),
+        os.path.abspath(output_workdir),
+    )
+    if source_workdir == output_workdir:
+        raise ValueError(f"--output must differ from the source workdir {source_workdir}")
+    optimizer, abstract = abstract_train_state(config)
+    params = jax.tree.map(jnp.asarray, cast_like(merged["params"], abstract.params))
+    expert_bias = jax.tree.map(jnp.asarray, cast_like(merged["expert_bias"], abstract.expert_bias))
+    state = TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=params,
+        expert_bias=expert_bias,
+        opt_state=_reset_counts(optimizer.init(params), step),
+    )
+    source_data = os.path.join(checkpoint_dir(source_workdir), str(step), "data")
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.exists(os.path.join(source_data, name)):
+        raise ValueError(f"snapshot {os.path.dirname(source_data)} is partial: no data/{name}")
+    with open(os.path.join(source_data, name), "rb") as f:
+        data_state = _SavedIteratorState(f.read())
+
+    cfg = config.checkpoint.copy_and_resolve_references()
+    cfg.async_save = False
+    checkpointer = Checkpointer(output_workdir, cfg, config.model)
+    try:
+        existing = checkpointer.manager.all_steps()
+        if existing:
+            raise ValueError(
+                f"{checkpointer.directory} already holds snapshots {sorted(existing)}; "
+                "merge into an empty --output"
+            )
+        checkpointer.save(step, state, data_state, force=True, extra_meta={"merge": dict(info)})
+    finally:
+        checkpointer.close()
+    output_data = os.path.join(checkpointer.directory, str(step), "data")
+    for other in os.listdir(source_data):  # The other hosts' iterator states, if any.
+        if other.startswith("process_") and not os.path.exists(os.path.join(output_data, other)):
+            shutil.copy2(os.path.join(source_data, other), output_data)
+    tokenizer = os.path.join(source_workdir, TOKENIZER_DIR)
+    if os.path.isdir(tokenizer) and not os.path.exists(os.path.join(output_workdir, TOKENIZER_DIR)):
+        shutil.copytree(tokenizer, os.path.join(output_workdir, TOKENIZER_DIR))
+    return os.path.join(checkpointer.directory, str(step))
+
+
+def merged_model_state(merged: Mapping[str, Any], config: ml_collections.ConfigDict) -> nnx.State:
+    """The model's full state (params and expert biases) in the config's dtypes, e.g. for
+    `ling_jax.convert.hf.save_hf_state`."""
+    target = merge_target(config)
+    cast = cast_like({k: merged[k] for k in WEIGHT_ITEMS}, target)
+    return nnx.merge_state(cast["params"], cast["expert_bias"])
