@@ -20,7 +20,7 @@ from ml_collections import config_dict
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
 MOE_BACKENDS = ("xla", "ragged_dot", "pallas")
 ROPE_SCALING_TYPES = ("none", "yarn")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "chunked")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -64,7 +64,11 @@ def base_model_config() -> ml_collections.ConfigDict:
 
     cfg.attention = ml_collections.ConfigDict()
     cfg.attention.use_qk_norm = True
+    # "xla": one fp32 [seq, seq] score matrix per head; "chunked": online softmax over
+    # chunk_size x chunk_size tiles (ling_jax.model.chunked_attention), no [seq, seq] matrix,
+    # for 32K training and 128K prefill. Same values and gradients.
     cfg.attention.impl = "xla"
+    cfg.attention.chunk_size = 512  # Tokens per query / key chunk of the "chunked" impl.
 
     cfg.moe = ml_collections.ConfigDict()
     cfg.moe.num_experts = 256
@@ -130,6 +134,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
             "moe.n_group",
             "moe.topk_group",
             "moe.group_score_topk",
+            "attention.chunk_size",
         ),
     )
     _check_choice(cfg, "dtype", DTYPES)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ling_jax.model.chunked_attention import chunked_attention
 from ling_jax.model.norms import RMSNorm
 from ling_jax.model.params import cast, normal_param
 from ling_jax.model.rope import apply_partial_rope
@@ -49,6 +50,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(batch, seq, q_heads, head_dim)
 
 
+# --- attention.impl dispatch (xla | chunked) ---
+def make_attention_mask(segment_ids: jax.Array, impl: str) -> jax.Array:
+    """What `attend` takes as `mask` for `impl`.
+
+    "xla": the dense [batch, 1, 1, seq, seq] mask of `attention_mask`; "chunked": the
+    segment ids [batch, seq] themselves, from which each tile's mask is built.
+    """
+    return segment_ids if impl == "chunked" else attention_mask(segment_ids)
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, attention_config
+) -> jax.Array:
+    """Causal self-attention with the configured implementation (`attention.impl`).
+
+    q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]
+    mask: from `make_attention_mask(segment_ids, attention_config.impl)`
+    """
+    if attention_config.impl == "chunked":
+        return chunked_attention(q, k, v, mask, chunk_size=attention_config.chunk_size)
+    return dot_product_attention(q, k, v, mask)
+
+
+# --- end attention.impl dispatch ---
+
+
 class Attention(nnx.Module):
     def __init__(self, config, *, rngs: nnx.Rngs):
         self.config = config
@@ -71,9 +98,13 @@ class Attention(nnx.Module):
             config,
         )
 
-    def __call__(
-        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
-    ) -> jax.Array:
+    # --- split into project_qkv / project_out so the KV-cache decode (ling_jax.infer) can
+    # attend over cached keys between the two; __call__ computes exactly what it did before ---
+    def project_qkv(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [batch, seq, q_heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], with
+        QK-norm and partial RoPE applied to q and k (the form a KV cache stores)."""
         # x: [batch, seq, embed]; rope: cos, sin [batch, seq, rotary_dim]
         qkv = jnp.einsum("bsd,dhk->bshk", x, cast(self.qkv[...], self.config))
         q = qkv[:, :, : self.num_heads]
@@ -82,5 +113,18 @@ class Attention(nnx.Module):
         if self.config.attention.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
-        o = dot_product_attention(q, k, v, mask)  # [batch, seq, q_heads, head_dim]
+        return q, k, v
+
+    def project_out(self, o: jax.Array) -> jax.Array:
+        # o: [batch, seq, q_heads, head_dim] -> [batch, seq, embed]
         return jnp.einsum("bshk,hkd->bsd", o, cast(self.out[...], self.config))
+
+    def __call__(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
+    ) -> jax.Array:
+        # x: [batch, seq, embed]; mask: from make_attention_mask(segment_ids, attention.impl)
+        q, k, v = self.project_qkv(x, rope)
+        o = attend(q, k, v, mask, self.config.attention)  # [batch, seq, q_heads, head_dim]
+        return self.project_out(o)
+
+    # --- end split ---

@@ -8,7 +8,7 @@ import ml_collections
 from flax import nnx, struct
 
 from ling_jax.configs.model_config import validate_model_config
-from ling_jax.model.attention import attention_mask
+from ling_jax.model.attention import make_attention_mask
 from ling_jax.model.block import BlockStack
 from ling_jax.model.moe.layer import MoEStats
 from ling_jax.model.mtp import MTPLayer, shift_left
@@ -79,7 +79,7 @@ class LingForCausalLM(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((batch, seq), jnp.int32)
         rope = rope_tables(positions, self.config)
-        mask = attention_mask(segment_ids)
+        mask = make_attention_mask(segment_ids, self.config.attention.impl)
         token_mask = segment_ids != 0
 
         h = self.embed_tokens(input_ids)
