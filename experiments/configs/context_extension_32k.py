@@ -4,7 +4,8 @@
         --config=experiments/configs/context_extension_32k.py:ling_mini_2 \\
         --workdir=gs://bucket/ctx32k \\
         --config.data.mixture='gs://b/long/*.arrayrecord:0.2,gs://b/pretrain/*.arrayrecord:0.8' \\
-        --config.data.tokenizer=/path/to/tokenizer.json
+        --config.data.tokenizer=/path/to/tokenizer.json \\
+        --config.checkpoint.init_from=gs://bucket/pretrain4k
 
 The size's 4K pretraining recipe (`experiments/configs/<preset>.py`: Table 1 peak LR, AdamW,
 WSM, MTP 0.1) with the stage-A changes:
@@ -19,9 +20,9 @@ WSM, MTP 0.1) with the stage-A changes:
 128K serving needs no training: YaRN with factor 4 over these 32K (`model.rope.scaling`,
 or `python -m experiments.generate --yarn_factor=4`).
 
-`experiments.run` starts (or resumes) the run in its --workdir; the 4K stage's parameters have
-to be placed there first (the trainer refuses a snapshot whose model config differs, and
-rope.theta / max_position_embeddings / attention.impl do differ).
+`checkpoint.init_from` names the 4K run: a fresh --workdir starts from the weights of its
+latest snapshot (fresh optimizer and data position); rerunning resumes from the stage's own
+snapshots.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
     cfg.max_to_keep = 3  # Most recent snapshots kept; 0 keeps every snapshot.
     cfg.keep_period = 0  # Also keep every step that is a multiple of this (for WSM merging).
     cfg.async_save = True  # Write in a background thread while training continues.
+    # A fresh run (no snapshot in its own workdir) starts from the weights (parameters and
+    # expert biases, not the optimizer state or data position) of the latest snapshot of this
+    # other run directory, e.g. the 4K stage for a 32K context extension. Empty: random init.
+    cfg.init_from = ""
     return cfg
 
 

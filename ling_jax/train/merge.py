@@ -369,3 +369,28 @@ def merged_model_state(merged: Mapping[str, Any], config: ml_collections.ConfigD
     target = merge_target(config)
     cast = cast_like({k: merged[k] for k in WEIGHT_ITEMS}, target)
     return nnx.merge_state(cast["params"], cast["expert_bias"])
+
+
+def initialize_weights_from(workdir: str, state: TrainState, shardings: TrainState) -> TrainState:
+    """`state` with the params and expert biases of `workdir`'s latest snapshot (laid out by
+    `shardings`); the step, the optimizer state and the data position stay fresh.
+
+    Model fields that do not change parameter shapes (RoPE theta and scaling, context length,
+    attention implementation, bias rate) may differ, as between context-extension stages.
+    """
+    steps = snapshot_steps(workdir)
+    if not steps:
+        raise ValueError(f"checkpoint.init_from: {checkpoint_dir(workdir)} holds no snapshot")
+    target = {
+        "params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params),
+        "expert_bias": jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.expert_bias
+        ),
+    }
+    weights = restore_weights(workdir, steps[-1], target)
+    return state.replace(
+        params=jax.device_put(cast_like(weights["params"], state.params), shardings.params),
+        expert_bias=jax.device_put(
+            cast_like(weights["expert_bias"], state.expert_bias), shardings.expert_bias
+        ),
+    )

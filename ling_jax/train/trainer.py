@@ -28,6 +28,7 @@ from ling_jax.model.param_table import format_param_table
 from ling_jax.parallel.mesh import BATCH_AXES, batch_axes_size, make_mesh
 from ling_jax.train.checkpointing import Checkpointer, abstract_like
 from ling_jax.train.experiment import validate_experiment_config
+from ling_jax.train.merge import initialize_weights_from
 from ling_jax.train.merged_eval import MergedEvaluation
 from ling_jax.train.metrics import make_writer, model_flops_utilization, peak_flops_per_device
 from ling_jax.train.optimizer import make_optimizer
@@ -141,6 +142,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("Resuming from %s/%d", checkpointer.directory, latest)
         state = checkpointer.restore(latest, abstract_like(state), train_iter)
         start_step = int(state.step)
+    elif config.checkpoint.init_from:
+        logging.info("Initialising the weights from %s", config.checkpoint.init_from)
+        state = initialize_weights_from(config.checkpoint.init_from, state, shardings)
 
     writer = make_writer(workdir)
     if start_step == 0:

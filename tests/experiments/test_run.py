@@ -157,3 +157,23 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     assert "Resuming from" in err
     steps = sorted(losses(workdir))
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_init_from_another_run_takes_its_weights(uninterrupted, tmp_path):
+    """A context-extension-style stage: new RoPE theta, weights of the previous stage."""
+    from ling_jax.train.merge import merge_target, restore_weights
+
+    cfg = smoke_config(num_steps=1)
+    cfg.optim.peak_lr = 1e-30  # far below fp32 resolution: step 1 leaves the weights as loaded
+    cfg.optim.bias_update_rate = 0.0
+    cfg.model.rope.theta = 20000.0
+    cfg.checkpoint.init_from = uninterrupted[0]
+    train_and_evaluate(cfg, str(tmp_path))
+    target = merge_target(cfg)
+    loaded = restore_weights(str(tmp_path), 1, target)
+    source = restore_weights(uninterrupted[0], 6, target)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(source), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="holds no snapshot|does not exist"):
+        cfg.checkpoint.init_from = str(tmp_path / "nowhere")
+        train_and_evaluate(cfg, str(tmp_path / "fresh"))
