@@ -36,6 +36,8 @@ def initialize_distributed() -> None:
     other machines (e.g. several CPU processes on localhost) pass the three flags above.
     """
     if _COORDINATOR.value is not None:
+        if jax.config.jax_platforms in (None, "", "cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,

@@ -50,6 +50,12 @@ def final_eval_loss(workdir: str, step: int) -> float | None:
     return records[-1]["eval/loss"] if records else None
 
 
+def final_eval_loss_or_none(workdir: str, step: int) -> float | None:
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return None
+    return final_eval_loss(workdir, step)
+
+
 class Runner:
     """Runs commands once: their wall times are kept in <root>/timings.json for reruns."""
 
@@ -132,16 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         seconds = runner.timings.get(key, {}).get("seconds")
         took = f"{seconds / 60:6.1f} min" if seconds is not None else "      -"
         print(f"  {name:<40s} {loss:.4f}   {took}")
+    logged = {
+        r["step"]: r["eval/merged_loss"]
+        for r in read_metrics(workdir["wsm"])
+        if "eval/merged_loss" in r
+    }
+    if steps in logged:  # the trainer's own merged eval: the headline merge, computed in-run
+        print(f"  (wsm run's eval/merged_loss at step {steps}: {logged[steps]:.4f})")
     best_decay = min(rows[0][1], rows[1][1])
     delta = merged[MERGES[0][0]] - best_decay
     print(f"wsm_minus_best_decay={delta:+.4f}")
     return 0
-
-
-def final_eval_loss_or_none(workdir: str, step: int) -> float | None:
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-        return None
-    return final_eval_loss(workdir, step)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     # several components, training ends when the first runs out. Hosts hold different numbers
     # of tokens, so multi-host runs should repeat forever and stop on a step count.
     cfg.num_epochs = 0
+    # How processes split the data: "documents" (each reads a disjoint shard of the documents:
+    # scales to any corpus) or "rows" (each builds the global batch and keeps its own rows:
+    # batches independent of the process count, e.g. to check multi-host runs against one).
+    cfg.process_sharding = "documents"
     # Threads reading and tokenizing documents, and documents they may run ahead.
     cfg.read_threads = 2
     cfg.prefetch_buffer_size = 64
@@ -162,6 +166,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
         _fail("validation_max_batches", cfg.validation_max_batches, ">= 0 (0 = all)")
     if not 0 <= cfg.shuffle_seed < 2**32:
         _fail("shuffle_seed", cfg.shuffle_seed, "in [0, 2**32)")
+    if cfg.process_sharding not in ("documents", "rows"):
+        _fail("process_sharding", cfg.process_sharding, "'documents' or 'rows'")
     if cfg.num_epochs < 0:
         _fail("num_epochs", cfg.num_epochs, ">= 0 (0 = repeat forever)")
     if cfg.read_threads < 1:

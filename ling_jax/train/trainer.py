@@ -22,7 +22,7 @@ from clu import parameter_overview, periodic_actions
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ling_jax.data import build_datasets, check_vocab
+from ling_jax.data import Datasets, build_datasets, check_vocab
 from ling_jax.model import flops_per_token
 from ling_jax.model.param_table import format_param_table
 from ling_jax.parallel.mesh import BATCH_AXES, batch_axes_size, make_mesh
@@ -64,6 +64,30 @@ def _to_global(batch: dict, sharding: NamedSharding) -> dict:
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in batch.items()
     }
+
+
+def _process_datasets(config, workdir: str, process_index: int, process_count: int) -> Datasets:
+    """This process's share of every batch ([global batch / processes, seq_len] rows)."""
+    local_rows = config.train.batch_size // process_count
+    if config.data.process_sharding == "documents":
+        return build_datasets(
+            config.data,
+            workdir=workdir,
+            batch_size=local_rows,
+            process_index=process_index,
+            process_count=process_count,
+            seed=config.seed,
+        )
+    full = build_datasets(
+        config.data, workdir=workdir, batch_size=config.train.batch_size, seed=config.seed
+    )
+    rows = slice(process_index * local_rows, (process_index + 1) * local_rows)
+
+    def keep_rows(batch: dict) -> dict:
+        return {key: value[rows] for key, value in batch.items()}
+
+    validation = None if full.validation is None else full.validation.map(keep_rows)
+    return Datasets(full.train.map(keep_rows), validation, full.tokenizer)
 
 
 def evaluate(eval_step, state, batches: Iterable[dict], max_batches: int, sharding) -> dict:
@@ -112,14 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     row_sharding = batch_sharding(mesh)
 
-    datasets = build_datasets(
-        config.data,
-        workdir=workdir,
-        batch_size=config.train.batch_size // process_count,
-        process_index=process_index,
-        process_count=process_count,
-        seed=config.seed,
-    )
+    datasets = _process_datasets(config, workdir, process_index, process_count)
     check_vocab(datasets.tokenizer, config.model.vocab_size)
     train_iter = iter(datasets.train)
 

@@ -177,3 +177,47 @@ def test_init_from_another_run_takes_its_weights(uninterrupted, tmp_path):
     with pytest.raises(ValueError, match="holds no snapshot|does not exist"):
         cfg.checkpoint.init_from = str(tmp_path / "nowhere")
         train_and_evaluate(cfg, str(tmp_path / "fresh"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _wait_all(procs, timeout=600):
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-3000:]
+
+
+def test_two_processes_match_one_and_resume(tmp_path):
+    """jax.distributed on localhost (CPU collectives): 2 processes x 1 device, each feeding its
+    rows of the global batch, give the single-process losses, also across a resume."""
+    rows = "--config.data.process_sharding=rows"
+    single = str(tmp_path / "single")
+    multi = str(tmp_path / "multi")
+
+    def two_processes(num_steps):
+        port = _free_port()
+        return [
+            _run_command(
+                multi,
+                rows,
+                f"--config.train.num_steps={num_steps}",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            )
+            for i in range(2)
+        ]
+
+    _wait_all([_run_command(single, rows, "--config.train.num_steps=6")])
+    _wait_all(two_processes(4))
+    _wait_all(two_processes(6))  # resumes from the 2-process snapshot at step 4
+    reference, resumed = losses(single), losses(multi)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 7))
+    for step in reference:
+        np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-5, err_msg=str(step))
