@@ -17,14 +17,14 @@ that `experiments.run` with the same --config resumes (further training) or, wit
 
 from __future__ import annotations
 
-import logging as py_logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow backs clu's TensorBoard writer.
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments.logs import quiet_library_logs
 from ling_jax.convert.hf import save_hf_state  # noqa: E402
 from ling_jax.train import merge  # noqa: E402
 from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
@@ -46,15 +46,10 @@ _HF_DTYPE = flags.DEFINE_string("hf_dtype", None, "HF tensor dtype (default: the
 flags.mark_flags_as_required(["config", "workdir", "output"])
 
 
-class _QuietLibraries(py_logging.Filter):
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_library_logs()
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
     decay_curve(_SHAPE.value)  # Fails early on an unknown shape.
     metrics_path = os.path.join(workdir, "metrics.jsonl")

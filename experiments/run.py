@@ -8,7 +8,6 @@ or `--config.train.num_steps=50`. Rerunning the same command resumes from the la
 
 from __future__ import annotations
 
-import logging as py_logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow backs clu's TensorBoard writer.
@@ -17,6 +16,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments.logs import quiet_library_logs
 from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -49,17 +49,10 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-class _QuietLibraries(py_logging.Filter):
-    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_library_logs()
     initialize_distributed()
     logging.info("JAX %s on %s", jax.__version__, jax.devices())
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
