@@ -46,4 +46,9 @@ def pretrain_config(
     cfg.checkpoint.max_to_keep = 4
     cfg.checkpoint.keep_period = 5000  # WSM merges these snapshots (experiments.merge).
     cfg.logging.log_every_steps = 10
+    # Fully sharded within a slice (parameters, optimizer state and batch over every chip of
+    # the slice), data parallel across slices. Add experts with --config.mesh.ici.expert=8.
+    cfg.mesh.ici.data = 1
+    cfg.mesh.ici.fsdp = -1
+    cfg.mesh.dcn.data = -1
     return cfg

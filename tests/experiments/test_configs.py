@@ -32,6 +32,7 @@ def test_pretraining_recipes(module):
     )
     assert cfg.model.init_std == 0.006 and cfg.model.mtp.loss_weight == 0.1
     assert cfg.optim.bias_update_rate == 1e-3 and cfg.data.seq_len == 4096
+    assert (cfg.mesh.ici.fsdp, cfg.mesh.ici.data, cfg.mesh.dcn.data) == (-1, 1, -1)
 
 
 def test_quickstart_has_every_ling_feature():
