@@ -141,7 +141,8 @@ class Checkpointer:
         return restored["state"]
 
     def _check_compatible(self, meta: dict, path: str) -> None:
-        saved = meta.get("model", {})
+        # Fields classed as runtime-only after the snapshot was written do not count either.
+        saved = {k: v for k, v in meta.get("model", {}).items() if k not in _RUNTIME_MODEL_FIELDS}
         current = json.loads(json.dumps(self._model_fields))
         diffs = [
             f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"

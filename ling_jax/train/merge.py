@@ -41,7 +41,13 @@ from flax import nnx
 
 from ling_jax.model import LingForCausalLM
 from ling_jax.model.params import ExpertBias
-from ling_jax.train.checkpointing import CHECKPOINT_DIR, ITEMS, Checkpointer, _identity_fields
+from ling_jax.train.checkpointing import (
+    _RUNTIME_MODEL_FIELDS,
+    CHECKPOINT_DIR,
+    ITEMS,
+    Checkpointer,
+    _identity_fields,
+)
 from ling_jax.train.metrics import METRICS_FILE, read_metrics
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.schedules import make_schedule
@@ -200,7 +206,10 @@ def check_snapshot(
         stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path) / "state").tree
     except Exception as error:  # orbax raises many types for a damaged directory
         raise ValueError(f"snapshot {path} is partial or damaged: {error}") from error
-    saved_fields = meta.get("model", {})
+    # Fields classified as runtime-only since the snapshot was written do not count.
+    saved_fields = {
+        k: v for k, v in meta.get("model", {}).items() if k not in _RUNTIME_MODEL_FIELDS
+    }
     diffs = [
         f"model.{k}: snapshot {saved_fields.get(k)!r} vs config {fields.get(k)!r}"
         for k in sorted(set(saved_fields) | set(fields))

@@ -272,3 +272,16 @@ def test_peak_memory_does_not_grow_with_the_number_of_snapshots(run, config, mon
     # Holding all six would cost 6x the weights; the sum plus one snapshot is 2x at most.
     assert six < 2.5 * weight_bytes, (six, weight_bytes)
     assert six - one < weight_bytes, (six, one, weight_bytes)  # not one more snapshot
+
+
+def test_fields_now_runtime_only_do_not_count(copy_of_run, config):
+    """A snapshot recording fields since classified as runtime-only (they do not change the
+    weights) still merges."""
+    workdir = copy_of_run
+    meta_file = os.path.join(workdir, "checkpoints", "30", "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["model"].update({"attention.impl": "xla", "dtype": "bfloat16"})
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    merge.check_snapshot(workdir, 30, merge.model_fields(config), merge.merge_target(config))
