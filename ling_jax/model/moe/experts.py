@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax.model.moe.grouped_matmul import grouped_matmul
@@ -24,11 +25,13 @@ class RoutedExperts(nnx.Module):
         def gmm(lhs, weight):
             return grouped_matmul(
                 lhs,
-                cast(weight[...], self.config),
+                cast(weight, self.config),
                 group_sizes,
                 backend=self.config.moe.backend,
                 tile_rows=self.config.moe.xla_tile_rows,
             )
 
-        hidden = jax.nn.silu(gmm(rows, self.gate)) * gmm(rows, self.up)  # [assignments, mlp]
-        return gmm(hidden, self.down)  # [assignments, embed]
+        # Gate and up share one grouped matmul (one dispatch layout, one pass over the rows).
+        gate_up = jnp.concatenate([self.gate[...], self.up[...]], axis=-1)  # [E, embed, 2 mlp]
+        gate, up = jnp.split(gmm(rows, gate_up), 2, axis=-1)  # [assignments, mlp] each
+        return gmm(jax.nn.silu(gate) * up, self.down[...])  # [assignments, embed]
