@@ -39,8 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from ling_jax.model import LingForCausalLM
-from ling_jax.model.params import ExpertBias
+from ling_jax.train import sharded_state
 from ling_jax.train.checkpointing import (
     _RUNTIME_MODEL_FIELDS,
     CHECKPOINT_DIR,
@@ -157,16 +156,7 @@ def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def abstract_train_state(config: ml_collections.ConfigDict):
     """(optimizer, the abstract `TrainState` a run of `config` holds), without allocating."""
     optimizer = make_optimizer(config.optim, make_schedule(config.schedule, config.optim.peak_lr))
-    model = nnx.eval_shape(lambda: LingForCausalLM(config.model, rngs=nnx.Rngs(config.seed)))
-    _, params, expert_bias = nnx.split(model, nnx.Param, ExpertBias)
-    params, expert_bias = nnx.as_pure(params), nnx.as_pure(expert_bias)
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        params=params,
-        expert_bias=expert_bias,
-        opt_state=jax.eval_shape(optimizer.init, params),
-    )
-    return optimizer, state
+    return optimizer, sharded_state.abstract_train_state(config.model, optimizer)
 
 
 def merge_target(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -20,6 +20,15 @@ from ling_jax.parallel.sharding import replicated, variable_shardings
 from ling_jax.train.train_step import TrainState, init_train_state
 
 
+def abstract_train_state(
+    model_config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """The TrainState's shapes and dtypes; nothing is allocated (a 1T model on a laptop)."""
+    return jax.eval_shape(
+        lambda: init_train_state(LingForCausalLM(model_config, rngs=nnx.Rngs(0)), optimizer)[1]
+    )
+
+
 def train_state_shardings(
     model_config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
@@ -28,10 +37,7 @@ def train_state_shardings(
     param_shardings = variable_shardings(nnx.state(abstract_model, nnx.Param), mesh)
     bias_shardings = variable_shardings(nnx.state(abstract_model, ExpertBias), mesh)
     graphdef = nnx.graphdef(abstract_model)
-    # Shapes only: the optimizer's moments are never allocated here (a 1T model on a laptop).
-    abstract_state = jax.eval_shape(
-        lambda: init_train_state(LingForCausalLM(model_config, rngs=nnx.Rngs(0)), optimizer)[1]
-    )
+    abstract_state = abstract_train_state(model_config, optimizer)
     opt_shardings = optax.tree_map_params(
         optimizer,
         lambda _, sharding: sharding,
