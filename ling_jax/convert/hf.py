@@ -36,7 +36,6 @@ from ling_jax.configs.model_config import validate_model_config
 from ling_jax.configs.presets import PRESETS, get_preset
 from ling_jax.convert.hf_config import config_from_hf, config_to_hf
 from ling_jax.convert.hf_fp8 import (
-    FP8_DTYPE,
     QUANTIZATION_CONFIG,
     SCALE_SUFFIX,
     block_from_hf,
@@ -222,7 +221,7 @@ def save_hf_state(
     config.json.
     """
     path = Path(path)
-    if dtype is not None and jnp.dtype(dtype) == FP8_DTYPE:
+    if dtype is not None and jnp.dtype(dtype).itemsize == 1:
         raise ValueError(f"dtype {dtype!r} would cast every tensor: pass fp8=True instead")
     if fp8 and dtype is None:
         dtype = "bfloat16"

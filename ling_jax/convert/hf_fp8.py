@@ -146,9 +146,9 @@ def fp8_tensors(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str
         if not is_quantized(name):
             yield name, tensor
             continue
-        q, scale = quantize_block(tensor, BLOCK, power_of_two_scale(name))
-        if not np.all(np.isfinite(scale)):
+        if not np.all(np.isfinite(tensor)):
             raise ValueError(f"tensor {name!r} holds non-finite values; it cannot be quantized")
+        q, scale = quantize_block(tensor, BLOCK, power_of_two_scale(name))
         yield name, q
         yield scale_name(name), scale
 
@@ -199,6 +199,9 @@ def check_fp8_tensors(
     [ceil(out / bo), ceil(in / bi)], and every scale_inv must belong to one. Errors name the
     tensors. The returned dict (scales left out) is what the bf16 checks expect.
     """
+    for name, dtype in dtypes.items():
+        if dtype.startswith("F8_") and dtype != FP8_SAFETENSORS:
+            raise ValueError(f"tensor {name!r} is {dtype}; only {FP8_SAFETENSORS} is supported")
     weights = {name for name, dtype in dtypes.items() if dtype == FP8_SAFETENSORS}
     scales = {name for name in shapes if name.endswith(SCALE_SUFFIX)}
     for name in sorted(weights):
@@ -225,9 +228,6 @@ def check_fp8_tensors(
             raise ValueError(
                 f"tensor {scale!r} scales {weight!r}, which is {stored}, not {FP8_SAFETENSORS}"
             )
-    for name, dtype in dtypes.items():
-        if dtype.startswith("F8_") and dtype != FP8_SAFETENSORS:
-            raise ValueError(f"tensor {name!r} is {dtype}; only {FP8_SAFETENSORS} is supported")
     return {name: shape for name, shape in shapes.items() if name not in scales}
 
 

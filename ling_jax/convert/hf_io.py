@@ -27,6 +27,7 @@ SAFETENSORS_DTYPES = {
     "bfloat16": "BF16",
     "float16": "F16",
     "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
 }
 # Dtypes that safetensors' numpy reader does not know: read from the file's bytes instead.
 _RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
