@@ -5,10 +5,14 @@ parameter from tensors read one at a time; saving writes each shard tensor by te
 memory stays near one copy of the model plus one parameter. The tensor layout is in
 `hf_layout`, the `config.json` mapping in `hf_config`.
 
+FP8 checkpoints in the released format (E4M3 linears with 128 x 128 `weight_scale_inv` blocks, see
+`hf_fp8`) are written with `fp8=True` / `--fp8` and dequantized on load.
+
 Usage:
   python -m ling_jax.convert.hf export --preset=tiny --output=DIR [--seed=0] [--dtype=bfloat16]
+      [--fp8]
   python -m ling_jax.convert.hf inspect --hf_dir=DIR
-  python -m ling_jax.convert.hf roundtrip --hf_dir=DIR --output=DIR2
+  python -m ling_jax.convert.hf roundtrip --hf_dir=DIR --output=DIR2 [--fp8]
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -29,6 +35,16 @@ from flax import nnx
 from ling_jax.configs.model_config import validate_model_config
 from ling_jax.configs.presets import PRESETS, get_preset
 from ling_jax.convert.hf_config import config_from_hf, config_to_hf
+from ling_jax.convert.hf_fp8 import (
+    QUANTIZATION_CONFIG,
+    SCALE_SUFFIX,
+    block_from_hf,
+    check_fp8_tensors,
+    dequantizing_getter,
+    fp8_specs,
+    fp8_tensors,
+    is_quantized,
+)
 from ling_jax.convert.hf_io import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -137,12 +153,27 @@ def load_hf_state(
     Names and shapes are all checked before any data is read. `put` places each leaf (see
     `state_from_hf_tensors`); `abstract_state` defaults to that of an abstract model.
     `drop_mtp` ignores a stored MTP layer (layer index num_layers) when `config` has none.
+    FP8 weights (F8_E4M3 + `weight_scale_inv`, with the block size of config.json's
+    `quantization_config`) are dequantized in float32, then cast to the leaf's dtype.
     """
+    path = Path(path)
     if abstract_state is None:
         _, abstract_state = nnx.split(_abstract_model(config))
+    block = None
+    if (path / CONFIG_FILE).is_file():
+        try:
+            block = block_from_hf(read_hf_config(path))
+        except ValueError as e:
+            raise ValueError(f"{path / CONFIG_FILE}: {e}") from e
     with CheckpointReader(path) as checkpoint:
-        _check_tensors(checkpoint.shapes(), config, Path(path), drop_mtp)
-        return state_from_hf_tensors(checkpoint.get, config, abstract_state, put)
+        dtypes = checkpoint.dtypes()
+        try:
+            shapes = check_fp8_tensors(checkpoint.shapes(), dtypes, block)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        _check_tensors(shapes, config, path, drop_mtp)
+        get_tensor = dequantizing_getter(checkpoint.get, dtypes, block)
+        return state_from_hf_tensors(get_tensor, config, abstract_state, put)
 
 
 def _abstract_model(config: ml_collections.ConfigDict) -> LingForCausalLM:
@@ -175,6 +206,7 @@ def save_hf_state(
     max_shard_bytes: int = 5 * 2**30,
     dtype: str | None = None,
     overwrite: bool = False,
+    fp8: bool = False,
 ) -> None:
     """Writes `state` (an `nnx.State` or nested dict of arrays) as an HF checkpoint directory.
 
@@ -182,15 +214,28 @@ def save_hf_state(
     (metadata.total_size, weight_map). `dtype` casts every tensor but the float32 expert bias
     (None keeps the state's dtypes). A non-empty `path` needs `overwrite=True`, which replaces
     config.json and earlier weight files only.
+
+    `fp8=True` writes the released FP8 format (`hf_fp8`): the decoder linears as E4M3 with
+    float32 `weight_scale_inv` per 128 x 128 block, quantized from the state's own values, the
+    other tensors in `dtype` (default bfloat16, as released), and `quantization_config` in
+    config.json.
     """
     path = Path(path)
+    if dtype is not None and jnp.dtype(dtype).itemsize == 1:
+        raise ValueError(f"dtype {dtype!r} would cast every tensor: pass fp8=True instead")
+    if fp8 and dtype is None:
+        dtype = "bfloat16"
     specs = hf_tensor_specs(state, config, dtype)
     for name, _, spec_dtype in specs:
         if spec_dtype.name not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {spec_dtype} has no safetensors writer here")
+    if fp8:
+        tensors = fp8_tensors(_cast_unquantized(hf_tensors_from_state(state, config), specs))
+        specs = fp8_specs(specs)
+    else:
+        tensors = hf_tensors_from_state(state, config, dtype)
     prepare_output(path, overwrite)
     shards = plan_shards(specs, max_shard_bytes)
-    tensors = hf_tensors_from_state(state, config, dtype)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -198,8 +243,19 @@ def save_hf_state(
         weight_map |= {name: file for name, _, _ in shard}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    torch_dtype = dtype or config.param_dtype
-    (path / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, torch_dtype), indent=2) + "\n")
+    hf_config = config_to_hf(config, dtype or config.param_dtype)
+    if fp8:
+        hf_config["quantization_config"] = json.loads(json.dumps(QUANTIZATION_CONFIG))
+    (path / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def _cast_unquantized(
+    tensors: Iterator[tuple[str, np.ndarray]], specs: Sequence[tuple[str, tuple, np.dtype]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Casts each tensor to its spec's dtype but those to be quantized, which keep theirs."""
+    dtypes = {name: dtype for name, _, dtype in specs}
+    for name, tensor in tensors:
+        yield name, tensor if is_quantized(name) else tensor.astype(dtypes[name], copy=False)
 
 
 def save_pretrained(
@@ -208,9 +264,26 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 2**30,
     dtype: str | None = None,
     overwrite: bool = False,
+    fp8: bool = False,
 ) -> None:
     """Saves `model` as an HF BailingMoeV2 checkpoint directory (see `save_hf_state`)."""
-    save_hf_state(nnx.state(model), model.config, path, max_shard_bytes, dtype, overwrite)
+    save_hf_state(nnx.state(model), model.config, path, max_shard_bytes, dtype, overwrite, fp8)
+
+
+def _storage_summary(path: str | os.PathLike) -> str:
+    """The stored dtypes of a checkpoint and its quantization_config, from the headers."""
+    with CheckpointReader(path) as checkpoint:
+        dtypes = checkpoint.dtypes()
+    scales = [name for name in dtypes if name.endswith(SCALE_SUFFIX)]
+    counts = Counter(dtype for name, dtype in dtypes.items() if not name.endswith(SCALE_SUFFIX))
+    stored = ", ".join(f"{n} {dtype}" for dtype, n in sorted(counts.items()))
+    if scales:
+        stored += f" (+{len(scales)} weight_scale_inv, dequantized on load)"
+    lines = [f"stored tensors: {stored}"]
+    quantization = read_hf_config(path).get("quantization_config")
+    if quantization is not None:
+        lines.append(f"quantization_config: {json.dumps(quantization, sort_keys=True)}")
+    return "\n".join(lines)
 
 
 def _summary(model: LingForCausalLM) -> str:
@@ -258,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for command in (export, roundtrip):
         command.add_argument("--max_shard_bytes", type=int, default=5 * 2**30)
         command.add_argument("--overwrite", action="store_true")
+        command.add_argument(
+            "--fp8", action="store_true", help="write the released FP8 format (E4M3 + scale_inv)"
+        )
     args = parser.parse_args(argv)
 
     if args.command == "export":
@@ -265,13 +341,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.param_dtype = args.dtype
         # One compiled initialisation is much faster than running it op by op.
         model = nnx.jit(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(args.seed)))()
-        save_pretrained(model, args.output, args.max_shard_bytes, overwrite=args.overwrite)
-        print(f"wrote {args.preset} (seed {args.seed}, {args.dtype}) to {args.output}")
+        save_pretrained(
+            model, args.output, args.max_shard_bytes, overwrite=args.overwrite, fp8=args.fp8
+        )
+        fp8 = ", fp8" if args.fp8 else ""
+        print(f"wrote {args.preset} (seed {args.seed}, {args.dtype}{fp8}) to {args.output}")
     elif args.command == "inspect":
         print(_summary(load_pretrained(args.hf_dir)))  # loads in the stored dtype
+        print(_storage_summary(args.hf_dir))
     else:
         model = load_pretrained(args.hf_dir)
-        save_pretrained(model, args.output, args.max_shard_bytes, overwrite=args.overwrite)
+        save_pretrained(
+            model, args.output, args.max_shard_bytes, overwrite=args.overwrite, fp8=args.fp8
+        )
         print(f"loaded {args.hf_dir} and saved it to {args.output}")
     return 0
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -21,7 +22,15 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+SAFETENSORS_DTYPES = {
+    "float32": "F32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+# Dtypes that safetensors' numpy reader does not know: read from the file's bytes instead.
+_RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -54,6 +63,7 @@ class CheckpointReader(contextlib.ExitStack):
             raise FileNotFoundError(f"no {SINGLE_FILE} nor {INDEX_FILE} in {self.path}")
         self._handles: dict[str, Any] = {}
         self._keys: dict[str, set[str]] = {}
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def _read_index(self, index: Path) -> dict[str, str]:
         try:
@@ -84,8 +94,30 @@ class CheckpointReader(contextlib.ExitStack):
             shapes[name] = tuple(handle.get_slice(name).get_shape())
         return shapes
 
+    def dtypes(self) -> dict[str, str]:
+        """name -> safetensors dtype ("BF16", "F8_E4M3", ...), from the headers only."""
+        return {name: self._file(name).get_slice(name).get_dtype() for name in self.weight_map}
+
     def get(self, name: str) -> np.ndarray:
-        return self._file(name).get_tensor(name)
+        handle = self._file(name)
+        dtype = handle.get_slice(name).get_dtype()
+        if dtype in _RAW_DTYPES:
+            return self._get_raw(name, np.dtype(_RAW_DTYPES[dtype]))
+        return handle.get_tensor(name)
+
+    def _get_raw(self, name: str, dtype: np.dtype) -> np.ndarray:
+        file = self.weight_map[name]
+        if file not in self._headers:
+            with open(self.path / file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[file] = (8 + n, json.loads(f.read(n)))
+        base, header = self._headers[file]
+        start, end = header[name]["data_offsets"]
+        shape = tuple(header[name]["shape"])
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} in {file}: data size does not match its shape")
+        data = np.fromfile(self.path / file, np.uint8, count=end - start, offset=base + start)
+        return data.view(dtype).reshape(shape)
 
 
 def first_names(names: set[str], n: int = 8) -> str:
