@@ -85,6 +85,19 @@ def optimal_tokens(compute: ArrayLike, arch: str = "moe") -> np.ndarray | float:
     return coef * _positive("compute", compute) ** exp
 
 
+def compute_for_flops_per_token(
+    flops_per_token: ArrayLike, arch: str = "moe"
+) -> np.ndarray | float:
+    """The budget C whose compute-optimal model has M FLOPs per token: M_opt^-1(M).
+
+    Used to give a hand-shaped model (a ladder rung of chosen width and depth) the tokens,
+    learning rate and batch size the laws assign to it: D = C / M = D_opt(C).
+    """
+    _check_arch(arch)
+    (coef, exp), _ = ALLOCATION[arch]
+    return (_positive("flops_per_token", flops_per_token) / coef) ** (1.0 / exp)
+
+
 def saturating_activation(
     activation_ratio: ArrayLike, a_start: float = A_START, a_max: float = A_MAX
 ) -> np.ndarray | float:

@@ -42,7 +42,7 @@ from typing import Any
 
 import ml_collections
 
-from ling_jax.configs import base_model_config, validate_model_config
+from ling_jax.configs import base_model_config, set_fields, validate_model_config
 from ling_jax.model import counting
 from ling_jax.scaling import laws
 
@@ -209,15 +209,6 @@ def _width_fields(
     return fields
 
 
-def _apply(cfg: ml_collections.ConfigDict, fields: Mapping[str, Any]) -> None:
-    for key, value in fields.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-
-
 def _best_depth(
     scratch: ml_collections.ConfigDict,
     target: float,
@@ -248,6 +239,29 @@ def _best_depth(
     depths = range(max(1, estimate - 2), estimate + 3)
     best = min(depths, key=lambda n: abs(math.log(total(n) / target)))
     return best, total(best)
+
+
+def _check_shape_args(
+    activation_ratio: float, granularity: float, num_shared_experts: int, dense_fraction: float
+) -> None:
+    if not 0 < activation_ratio <= 1:
+        raise ValueError(f"activation_ratio = {activation_ratio!r} is invalid: expected (0, 1]")
+    if not granularity > 0:
+        raise ValueError(f"granularity = {granularity!r} is invalid: expected > 0")
+    if not (isinstance(num_shared_experts, int) and num_shared_experts >= 0):
+        raise ValueError(f"num_shared_experts = {num_shared_experts!r}: expected an int >= 0")
+    if not 0 <= dense_fraction < 1:
+        raise ValueError(f"dense_fraction = {dense_fraction!r} is invalid: expected [0, 1)")
+
+
+def _arch_defaults(arch: str, ffn_ratio: float | None, mtp: bool | None) -> tuple[float, bool]:
+    if ffn_ratio is None:
+        ffn_ratio = MOE_FFN_RATIO if arch == "moe" else DENSE_FFN_RATIO
+    if mtp is None:
+        mtp = arch == "moe"
+    if mtp and arch == "dense":
+        raise ValueError("mtp = True is invalid for arch = 'dense': the MTP block is a MoE block")
+    return ffn_ratio, mtp
 
 
 def plan(
@@ -292,20 +306,8 @@ def plan(
     """
     compute = float(laws._positive("compute", compute))
     laws._check_arch(arch)
-    if not 0 < activation_ratio <= 1:
-        raise ValueError(f"activation_ratio = {activation_ratio!r} is invalid: expected (0, 1]")
-    if not granularity > 0:
-        raise ValueError(f"granularity = {granularity!r} is invalid: expected > 0")
-    if not (isinstance(num_shared_experts, int) and num_shared_experts >= 0):
-        raise ValueError(f"num_shared_experts = {num_shared_experts!r}: expected an int >= 0")
-    if not 0 <= dense_fraction < 1:
-        raise ValueError(f"dense_fraction = {dense_fraction!r} is invalid: expected [0, 1)")
-    if ffn_ratio is None:
-        ffn_ratio = MOE_FFN_RATIO if arch == "moe" else DENSE_FFN_RATIO
-    if mtp is None:
-        mtp = arch == "moe"
-    if mtp and arch == "dense":
-        raise ValueError("mtp = True is invalid for arch = 'dense': the MTP block is a MoE block")
+    _check_shape_args(activation_ratio, granularity, num_shared_experts, dense_fraction)
+    ffn_ratio, mtp = _arch_defaults(arch, ffn_ratio, mtp)
     if tokens is None:
         target = float(laws.optimal_model_flops_per_token(compute, arch))
     else:
@@ -317,7 +319,7 @@ def plan(
         fields = _width_fields(
             d, hd, arch, activation_ratio, granularity, num_shared_experts, ffn_ratio
         )
-        _apply(scratch, fields)
+        set_fields(scratch, fields)
         layers, flops = _best_depth(scratch, target, seq_len, arch, dense_fraction)
         if layers == 1 and flops > target * (1 + tolerance):
             break  # One layer of this width is already too much; wider is worse.
@@ -338,16 +340,40 @@ def plan(
     within = [c for c in candidates if flops_miss(c) <= math.log1p(tolerance)]
     fields, layers, _ = min(within, key=depth_miss) if within else min(candidates, key=flops_miss)
 
+    cfg = _config(fields, layers, arch, dense_fraction, vocab_size, seq_len, mtp, config_overrides)
+    return _plan_for(cfg, arch, compute, target, seq_len, tokens)
+
+
+def _config(
+    fields: Mapping[str, Any],
+    num_layers: int,
+    arch: str,
+    dense_fraction: float,
+    vocab_size: int,
+    seq_len: int,
+    mtp: bool,
+    config_overrides: Mapping[str, Any] | None,
+) -> ml_collections.ConfigDict:
     cfg = base_model_config()
-    _apply(cfg, fields)
-    cfg.num_layers = layers
-    cfg.first_k_dense_replace = dense_layers(layers, arch, dense_fraction)
+    set_fields(cfg, fields)
+    cfg.num_layers = num_layers
+    cfg.first_k_dense_replace = dense_layers(num_layers, arch, dense_fraction)
     cfg.vocab_size = vocab_size
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, seq_len)
     cfg.mtp.num_layers = 1 if mtp else 0
-    _apply(cfg, config_overrides or {})
-    validate_model_config(cfg)
+    set_fields(cfg, config_overrides or {})
+    return validate_model_config(cfg)
 
+
+def _plan_for(
+    cfg: ml_collections.ConfigDict,
+    arch: str,
+    compute: float,
+    target: float,
+    seq_len: int,
+    tokens: float | None,
+) -> Plan:
+    """The Plan of a finished config: tokens (D_opt or given), LR, batch, achieved A, G, EL."""
     flops = counting.non_embedding_flops_per_token(cfg, seq_len)
     batch_tokens = float(laws.optimal_batch_tokens(compute))
     batch_size = max(1, round(batch_tokens / seq_len))
@@ -377,6 +403,61 @@ def plan(
     )
 
 
+def plan_shape(
+    d_model: int,
+    num_layers: int,
+    *,
+    head_dim: int,
+    activation_ratio: float = LING_ACTIVATION_RATIO,
+    granularity: float = LING_GRANULARITY,
+    num_shared_experts: int = 1,
+    arch: str = "moe",
+    seq_len: int = 4096,
+    vocab_size: int = 157184,
+    ffn_ratio: float | None = None,
+    dense_fraction: float = DENSE_FRACTION,
+    mtp: bool | None = None,
+    token_scale: float = 1.0,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Plans a run of a model whose width and depth are given (a hand-spaced ladder rung).
+
+    The MoE shape follows (A, G) as in `plan`. The budget is the one whose compute-optimal
+    model has this model's M: C = M_opt^-1(M); the run trains D = token_scale x C / M tokens
+    (token_scale = 1: the compute-optimal D_opt(C)) at eta_opt(C) and B_opt(C), and
+    `Plan.compute` is the compute actually spent, M x D.
+    """
+    laws._check_arch(arch)
+    _check_shape_args(activation_ratio, granularity, num_shared_experts, dense_fraction)
+    if d_model % head_dim:
+        raise ValueError(f"d_model = {d_model} is not a multiple of head_dim = {head_dim}")
+    if not (isinstance(num_layers, int) and num_layers >= 1):
+        raise ValueError(f"num_layers = {num_layers!r}: expected an int >= 1")
+    if not token_scale > 0:
+        raise ValueError(f"token_scale = {token_scale!r}: expected > 0")
+    ffn_ratio, mtp = _arch_defaults(arch, ffn_ratio, mtp)
+    fields = _width_fields(
+        d_model, head_dim, arch, activation_ratio, granularity, num_shared_experts, ffn_ratio
+    )
+    cfg = _config(
+        fields, num_layers, arch, dense_fraction, vocab_size, seq_len, mtp, config_overrides
+    )
+    flops = counting.non_embedding_flops_per_token(cfg, seq_len)
+    optimal_compute = float(laws.compute_for_flops_per_token(flops, arch))
+    tokens = token_scale * optimal_compute / flops
+    return _plan_for(cfg, arch, flops * tokens, flops, seq_len, tokens)
+
+
+def cpu_overrides(seq_len: int) -> dict[str, Any]:
+    """Model fields of the CPU wind tunnel: float32 compute, rope theta 1e4, positions = seq_len."""
+    return {
+        "dtype": "float32",
+        "rope.theta": 10000.0,
+        "max_position_embeddings": seq_len,
+        "rope.scaling.original_max_position_embeddings": seq_len,
+    }
+
+
 def plan_cpu(compute: float, *, vocab_size: int = 512, seq_len: int = 256, **kwargs: Any) -> Plan:
     """A plan sized for the CPU wind tunnel (budgets of about 1e13-1e16 FLOPs).
 
@@ -385,12 +466,7 @@ def plan_cpu(compute: float, *, vocab_size: int = 512, seq_len: int = 256, **kwa
     runs in float32 with rope theta 10000 and max_position_embeddings = seq_len. Other keyword
     arguments go to `plan`.
     """
-    overrides = {
-        "dtype": "float32",
-        "rope.theta": 10000.0,
-        "max_position_embeddings": seq_len,
-        "rope.scaling.original_max_position_embeddings": seq_len,
-    }
+    overrides = cpu_overrides(seq_len)
     overrides.update(kwargs.pop("config_overrides", None) or {})
     return plan(
         compute, vocab_size=vocab_size, seq_len=seq_len, config_overrides=overrides, **kwargs

@@ -107,3 +107,12 @@ def test_rejects_bad_inputs():
         laws.optimal_tokens(1e20, arch="mixture")
     with pytest.raises(ValueError, match="granularity"):
         laws.efficiency_leverage(0.03, 0, 1e20)
+
+
+def test_compute_for_flops_per_token_inverts_the_allocation():
+    for arch in ("moe", "dense"):
+        compute = np.array([1e13, 3e18, 1e22])
+        m = laws.optimal_model_flops_per_token(compute, arch)
+        np.testing.assert_allclose(laws.compute_for_flops_per_token(m, arch), compute, rtol=1e-12)
+    with pytest.raises(ValueError, match="flops_per_token"):
+        laws.compute_for_flops_per_token(-1.0)

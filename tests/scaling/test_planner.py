@@ -137,3 +137,26 @@ def test_rejects_bad_requests():
         planner.plan(1e9)
     with pytest.raises(ValueError, match="mtp"):
         planner.plan(1e20, arch="dense", mtp=True)
+
+
+def test_plan_shape_keeps_the_given_shape_and_takes_the_laws_tokens():
+    overrides = planner.cpu_overrides(256)
+    kwargs = dict(head_dim=32, seq_len=256, vocab_size=2048, config_overrides=overrides)
+    full = planner.plan_shape(128, 3, activation_ratio=1 / 8, granularity=4.0, **kwargs)
+    cfg = full.config
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads) == (128, 3, 4)
+    assert cfg.moe.expert_intermediate_size == 64 and cfg.moe.num_experts == 32
+    optimal = laws.compute_for_flops_per_token(full.flops_per_token)
+    assert full.tokens == pytest.approx(laws.optimal_tokens(optimal), rel=0.02)
+    assert full.learning_rate == pytest.approx(laws.optimal_lr(full.compute))
+    scaled = planner.plan_shape(
+        128, 3, activation_ratio=1 / 8, granularity=4.0, token_scale=0.1, **kwargs
+    )
+    assert scaled.tokens == pytest.approx(0.1 * full.tokens, rel=0.02)
+    assert scaled.compute == pytest.approx(scaled.flops_per_token * scaled.tokens, rel=0.02)
+    dense = planner.plan_shape(128, 3, arch="dense", **kwargs)
+    assert dense.config.first_k_dense_replace == 3 and dense.efficiency_leverage == 1.0
+    with pytest.raises(ValueError, match="not a multiple of head_dim"):
+        planner.plan_shape(100, 2, **kwargs)
+    with pytest.raises(ValueError, match="token_scale"):
+        planner.plan_shape(128, 2, token_scale=0.0, **kwargs)

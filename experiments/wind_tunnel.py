@@ -1,0 +1,139 @@
+"""The CPU wind tunnel, end to end: run the micro ladder and the EL experiment, fit, predict, plot.
+
+    nice -n 10 python -m experiments.wind_tunnel --root=runs/wind_tunnel [--parallel=1]
+
+1. Trains the five-rung micro ladder (experiments/configs/wind_tunnel_micro.py) into
+   <root>/ladder and the efficiency-leverage families (efficiency_leverage_micro.py) into
+   <root>/leverage, as resumable sweeps (finished runs are reused).
+2. Fits L(C) = a C^-b to the four smallest rungs and predicts the largest one's final
+   validation loss with a 95% prediction interval; prints predicted vs measured.
+3. Measures the efficiency leverage C_dense / C_MoE at equal loss of the 1/32-activation MoE
+   (and of the ladder's MoE) over the dense family, next to the law's EL(A, G, C).
+4. Writes <root>/loss_vs_compute.png, <root>/el_vs_activation.png and <root>/report.json.
+
+`--analyze_only` skips training and analyses whatever has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from experiments.sweeps import analysis
+from experiments.sweeps.results import collect, format_table, write_results
+from experiments.sweeps.runner import run_sweep
+from experiments.sweeps.spec import Sweep, load_sweep
+
+LADDER_CONFIG = "experiments/configs/wind_tunnel_micro.py"
+LEVERAGE_CONFIG = "experiments/configs/efficiency_leverage_micro.py"
+COLUMNS = [
+    "name",
+    "state",
+    "compute",
+    "params",
+    "d_model",
+    "num_layers",
+    "tokens",
+    "eval_loss",
+    "wall_seconds",
+]
+
+
+def _run(sweep: Sweep, root: str, parallel: int, train: bool) -> list[dict]:
+    if train:
+        run_sweep(sweep, root, parallel=parallel)
+    rows = collect(sweep, root)
+    write_results(rows, root)
+    print(f"\n{sweep.name} ({root}):\n{format_table(rows, COLUMNS)}", flush=True)
+    return rows
+
+
+def analyze(ladder_rows: list[dict], leverage_rows: list[dict], root: str) -> dict:
+    """Fits, predictions, EL and plots; returns the report (also printed and saved)."""
+    report: dict = {}
+    fits, prediction = {}, None
+    if len(analysis.finished(ladder_rows)) >= 4:
+        prediction = analysis.predict_largest(ladder_rows)
+        fits["ladder MoE (A=12%)"] = prediction.fit
+        print("\nwind-tunnel prediction:\n" + prediction.describe())
+        report["prediction"] = {
+            "fit_runs": prediction.fit_names,
+            "target": prediction.target_name,
+            "target_compute": prediction.target_compute,
+            "a": prediction.fit.a,
+            "b": prediction.fit.b,
+            "b_stderr": prediction.fit.stderr["b"],
+            "predicted": prediction.predicted,
+            "interval": [prediction.lower, prediction.upper],
+            "measured": prediction.measured,
+            "error": prediction.error,
+        }
+    moe = [r for r in leverage_rows if r.get("arch") == "moe"]
+    dense = [r for r in leverage_rows if r.get("arch") == "dense"]
+    series = {"ladder MoE (A=12%)": ladder_rows, "MoE A=3.1%": moe, "dense": dense}
+    measured = []
+    if len(analysis.finished(dense)) >= 3:
+        for label, rows in (("MoE A=3.1%", moe), ("ladder MoE (A=12%)", ladder_rows)):
+            done = analysis.finished(rows)
+            overlap = [
+                r for r in done if r["compute"] <= 4 * analysis.finished(dense)[-1]["compute"]
+            ]
+            if len(overlap) < 3:
+                continue
+            m = analysis.measure_leverage(overlap, dense)
+            measured.append(m)
+            fits[label] = m.leverage.moe
+            fits["dense"] = m.leverage.dense
+            print(f"\nefficiency leverage, {label}:\n{m.describe()}")
+            report.setdefault("leverage", {})[label] = {
+                "activation_ratio": m.activation_ratio,
+                "granularity": m.granularity,
+                "compute": np.atleast_1d(m.leverage.compute).tolist(),
+                "measured": np.atleast_1d(m.leverage.value).tolist(),
+                "lower": np.atleast_1d(m.leverage.lower).tolist(),
+                "upper": np.atleast_1d(m.leverage.upper).tolist(),
+                "law": np.atleast_1d(m.predicted).tolist(),
+            }
+    present = {k: v for k, v in series.items() if analysis.finished(v)}
+    if present:
+        path = analysis.plot_loss_vs_compute(
+            present, os.path.join(root, "loss_vs_compute.png"), fits=fits, prediction=prediction
+        )
+        report["loss_plot"] = path
+    if measured:
+        compute = float(np.atleast_1d(measured[0].leverage.compute)[-1])
+        path = analysis.plot_leverage(
+            measured, os.path.join(root, "el_vs_activation.png"), compute=compute
+        )
+        report["leverage_plot"] = path
+    with open(os.path.join(root, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nreport: {os.path.join(root, 'report.json')}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, help="folder of both sweeps (reused)")
+    parser.add_argument("--parallel", type=int, default=1, help="processes at once per sweep")
+    parser.add_argument("--analyze_only", action="store_true", help="train nothing")
+    parser.add_argument("--skip_leverage", action="store_true", help="only the ladder")
+    args = parser.parse_args(argv)
+    root = os.path.abspath(args.root)
+    train = not args.analyze_only
+    ladder = _run(load_sweep(LADDER_CONFIG), os.path.join(root, "ladder"), args.parallel, train)
+    leverage = []
+    if not args.skip_leverage:
+        leverage = _run(
+            load_sweep(LEVERAGE_CONFIG), os.path.join(root, "leverage"), args.parallel, train
+        )
+    analyze(ladder, leverage, root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Wind-tunnel ladders, their configs, and the fits, predictions and plots of their results."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments import wind_tunnel
+from experiments.sweeps import analysis
+from experiments.sweeps.spec import load_config_file, load_sweep
+from ling_jax.scaling import laws
+
+MICRO = "experiments/configs/wind_tunnel_micro.py"
+LEVERAGE = "experiments/configs/efficiency_leverage_micro.py"
+POD = "experiments/configs/wind_tunnel_pod.py"
+
+
+def test_micro_ladder_follows_the_laws_between_rungs():
+    sweep = load_sweep(MICRO)
+    tags = [p.tags for p in sweep.points]
+    assert [t["rung"] for t in tags] == ["xs", "s", "m", "l", "xl"]
+    compute = np.array([t["compute"] for t in tags])
+    assert np.all(np.diff(compute) > 0) and 30 < compute[-1] / compute[0] < 100
+    # D grows as the law's D_opt between rungs: D ~ C_opt(M)^0.49 at a fixed token scale.
+    optimal = [laws.compute_for_flops_per_token(t["flops_per_token"]) for t in tags]
+    d_opt = np.array([laws.optimal_tokens(c) for c in optimal])
+    ratio = np.array([t["tokens"] for t in tags]) / d_opt
+    np.testing.assert_allclose(ratio, 0.025, rtol=0.02)
+    for point in sweep.points:
+        cfg = point.experiment_config()
+        assert cfg.model.moe.num_experts == 32 and cfg.model.moe.num_experts_per_tok == 3
+        assert cfg.schedule.type == "wsd" and cfg.schedule.total_steps == cfg.train.num_steps
+        assert cfg.optim.peak_lr == pytest.approx(point.tags["learning_rate"])
+        assert cfg.optim.peak_lr == pytest.approx(laws.optimal_lr(point.tags["compute"]), 0.02)
+
+
+def test_leverage_families_share_shapes_and_overlap_in_compute():
+    sweep = load_sweep(LEVERAGE)
+    moe = [p.tags for p in sweep.points if p.tags["arch"] == "moe"]
+    dense = [p.tags for p in sweep.points if p.tags["arch"] == "dense"]
+    assert len(moe) == len(dense) == 3
+    assert {round(t["activation_ratio"], 4) for t in moe} == {round(2 / 65, 4)}
+    assert {t["granularity"] for t in moe} == {2.0}
+    assert {t["activation_ratio"] for t in dense} == {1.0}
+    assert max(t["compute"] for t in moe) > min(t["compute"] for t in dense)
+    cfg = load_config_file(f"{LEVERAGE}:dense_2")
+    assert cfg.model.first_k_dense_replace == cfg.model.num_layers
+
+
+def test_pod_ladder_spans_half_a_billion_to_eight_billion_parameters():
+    sweep = load_sweep(POD)
+    params = [p.tags["params"] for p in sweep.points]
+    assert 0.4e9 < params[0] < 0.7e9 and 6e9 < params[-1] < 10e9
+    assert all(b / a > 1.5 for a, b in zip(params, params[1:], strict=False))
+    cfg = load_config_file(f"{POD}:c2")
+    assert cfg.model.moe.num_experts == 256 and cfg.data.seq_len == 4096
+    assert cfg.model.vocab_size == 157184 and cfg.model.remat == "full"
+    with pytest.raises(ValueError, match="data.train_files"):
+        sweep.points[0].experiment_config()
+    point = sweep.with_overrides({"data.train_files": "gs://bucket/*.txt"}).points[0]
+    assert point.experiment_config().data.train_files == "gs://bucket/*.txt"
+
+
+def _rows(name_prefix, compute, loss, **tags):
+    return [
+        {"name": f"{name_prefix}{i}", "state": "done", "compute": c, "eval_loss": value, **tags}
+        for i, (c, value) in enumerate(zip(compute, loss, strict=True))
+    ]
+
+
+def test_prediction_of_the_largest_run_from_an_exact_power_law():
+    compute = np.geomspace(1e12, 1e14, 5)
+    loss = 30.0 * compute**-0.07 * (1 + 0.002 * np.array([1, -1, 1, -1, 0]))
+    rows = _rows("r", compute, loss)
+    rows.append({"name": "unfinished", "state": "partial", "compute": 1e15, "eval_loss": math.nan})
+    prediction = analysis.predict_largest(rows)
+    assert prediction.fit_names == ["r0", "r1", "r2", "r3"] and prediction.target_name == "r4"
+    assert prediction.fit.b == pytest.approx(0.07, abs=0.005)
+    assert abs(prediction.error) < 0.02
+    assert prediction.lower < prediction.predicted < prediction.upper
+    assert "measured" in prediction.describe()
+    with pytest.raises(ValueError, match="needs >= 4 finished runs"):
+        analysis.predict_largest(rows[:3])
+
+
+def test_measured_leverage_matches_a_known_compute_ratio():
+    compute = np.geomspace(1e11, 1e13, 4)
+    dense = _rows(
+        "d",
+        compute,
+        40.0 * compute**-0.08 * (1 + 1e-3 * np.array([1, -1, -1, 1])),
+        arch="dense",
+        activation_ratio=1.0,
+        granularity=math.nan,
+    )
+    # MoE reaches the dense loss with 3x less compute: L_moe(C) = L_dense(3 C).
+    moe = _rows(
+        "m",
+        compute,
+        40.0 * (3 * compute) ** -0.08 * (1 + 1e-3 * np.array([-1, 1, 1, -1])),
+        arch="moe",
+        activation_ratio=0.03,
+        granularity=2.0,
+    )
+    measured = analysis.measure_leverage(moe, dense)
+    np.testing.assert_allclose(measured.leverage.value, 3.0, rtol=0.1)
+    np.testing.assert_allclose(
+        measured.predicted, laws.efficiency_leverage(0.03, 2.0, compute), rtol=1e-9
+    )
+    assert "law" in measured.describe()
+
+
+def test_analysis_writes_plots_and_report(tmp_path):
+    compute = np.geomspace(1e12, 1e14, 5)
+    ladder = _rows(
+        "l", compute, 30.0 * compute**-0.07, arch="moe", activation_ratio=0.12, granularity=4.0
+    )
+    small = np.geomspace(3e11, 4e12, 3)
+    leverage = _rows(
+        "moe_",
+        small,
+        29.0 * small**-0.07 * np.array([1.001, 0.999, 1.0]),
+        arch="moe",
+        activation_ratio=0.03,
+        granularity=2.0,
+    )
+    leverage += _rows(
+        "dense_",
+        small * 1.5,
+        31.0 * (small * 1.5) ** -0.07 * np.array([0.999, 1.001, 1.0]),
+        arch="dense",
+        activation_ratio=1.0,
+        granularity=math.nan,
+    )
+    report = wind_tunnel.analyze(ladder, leverage, str(tmp_path))
+    assert abs(report["prediction"]["error"]) < 1e-6
+    assert set(report["leverage"]) == {"MoE A=3.1%", "ladder MoE (A=12%)"}
+    for key in ("loss_plot", "leverage_plot"):
+        with open(report[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report.json").exists()
