@@ -68,7 +68,8 @@ def default_data_config() -> ml_collections.ConfigDict:
 
     # Tokens per packed row.
     cfg.seq_len = 256
-    # Fraction of documents held out for validation when `validation_files` is empty.
+    # Fraction of documents held out for validation when `validation_files` is empty. The
+    # held-out documents of the components are mixed by rows in the training proportions.
     cfg.validation_fraction = 0.05
     # Validation batches per evaluation; 0 = the whole (finite) validation split.
     cfg.validation_max_batches = 0

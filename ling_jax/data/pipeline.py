@@ -12,9 +12,17 @@ and the components' rows are interleaved in their mixture proportions, then batc
 by position, and packing and mixing keep small states, so `iter(train).get_state()` is a
 small dict and `set_state` resumes exactly where it was: a restored run sees the same batches.
 
-Validation is every held-out document of this process's shard, in a fixed order (independent
-of the run seed), packed and batched the same way; the last batch is filled with all-padding
-rows (loss_mask 0), so every batch has the same shape. Each `iter(validation)` starts over.
+Validation is packed and batched the same way, in a fixed order (independent of the run seed);
+the last batch is filled with all-padding rows (loss_mask 0), so every batch has the same shape.
+Each `iter(validation)` starts over. With `data.validation_files` it is every document of this
+process's shard of those files. Otherwise it is the documents held out of each component: each
+component's held-out documents are packed on their own and their rows interleaved in the
+training proportions, so validation measures the training mixture (holding out a fraction of
+every component's documents would otherwise weight each component by its share of the corpus:
+on the embedded corpus, ~40% of validation tokens were arithmetic against 10% of training
+rows). Every prefix of the validation rows is mixed alike (a capped evaluation too), and no row
+repeats: validation ends when the first component runs out of held-out rows, so the components
+held out most abundantly relative to their weight are only partly used.
 """
 
 from __future__ import annotations
@@ -57,6 +65,15 @@ class Component:
     train: DocumentSource
 
 
+@dataclasses.dataclass(frozen=True)
+class ValidationSource:
+    """Validation documents; `weight` is the share of validation rows, as in training."""
+
+    name: str
+    weight: float
+    documents: DocumentSource
+
+
 def split_documents(
     source: DocumentSource, fraction: float
 ) -> tuple[DocumentSource, DocumentSource | None]:
@@ -75,8 +92,14 @@ def split_documents(
     return source.subset(np.flatnonzero(~held_out)), source.subset(np.flatnonzero(held_out))
 
 
-def build_sources(cfg: ml_collections.ConfigDict) -> tuple[list[Component], list[DocumentSource]]:
-    """Training components and validation sources named by the `data` config."""
+def build_sources(
+    cfg: ml_collections.ConfigDict,
+) -> tuple[list[Component], list[ValidationSource]]:
+    """Training components and validation sources named by the `data` config.
+
+    The validation sources are the `validation_files` (one source), or else the documents held
+    out of each component, weighted as the component is in training.
+    """
     if cfg.source == "embedded":
         fraction = cfg.embedded_arithmetic_fraction
         named = [("stdlib", 1.0 - fraction, embedded.stdlib_source())]
@@ -104,11 +127,15 @@ def build_sources(cfg: ml_collections.ConfigDict) -> tuple[list[Component], list
         ]
     if cfg.validation_files:
         validation = [
-            open_documents(
-                cfg.validation_files,
-                field="validation_files",
-                file_format=cfg.file_format,
-                text_key=cfg.text_key,
+            ValidationSource(
+                "validation",
+                1.0,
+                open_documents(
+                    cfg.validation_files,
+                    field="validation_files",
+                    file_format=cfg.file_format,
+                    text_key=cfg.text_key,
+                ),
             )
         ]
         return [Component(n, w, s) for n, w, s in named], validation
@@ -117,7 +144,7 @@ def build_sources(cfg: ml_collections.ConfigDict) -> tuple[list[Component], list
         train, held_out = split_documents(source, cfg.validation_fraction)
         components.append(Component(name, weight, train))
         if held_out is not None:
-            validation.append(held_out)
+            validation.append(ValidationSource(name, weight, held_out))
     return components, validation
 
 
@@ -237,7 +264,7 @@ class _PadToCountIterator(grain.DatasetIterator):
 
 
 def _validation_batches(
-    sources: Sequence[DocumentSource],
+    sources: Sequence[ValidationSource],
     cfg: ml_collections.ConfigDict,
     tokenizer: Tokenizer,
     *,
@@ -247,17 +274,33 @@ def _validation_batches(
 ) -> grain.IterDataset | None:
     if not sources:
         return None
-    docs = grain.MapDataset.concatenate(
-        [
-            # A shard may be empty on some hosts; a fixed validation_max_batches pads it.
-            grain.MapDataset.source(_shard(s, process_index, process_count))
-            for s in sources
-        ]
-    ).shuffle(_VALIDATION_SEED)
-    examples = docs.map(TokenizeDocument(tokenizer, add_eos=cfg.add_eos))
-    rows = pack_examples(
-        examples.to_iter_dataset(_read_options(cfg)), seq_len=cfg.seq_len, pad_id=tokenizer.pad_id
-    )
+
+    def packed_rows(documents: DocumentSource, seed: int) -> grain.IterDataset:
+        docs = grain.MapDataset.source(documents).shuffle(seed)
+        examples = docs.map(TokenizeDocument(tokenizer, add_eos=cfg.add_eos))
+        return pack_examples(
+            examples.to_iter_dataset(_read_options(cfg)),
+            seq_len=cfg.seq_len,
+            pad_id=tokenizer.pad_id,
+        )
+
+    # A shard may be empty on some hosts (a fixed validation_max_batches pads it); a component
+    # with nothing on this host is left out of its mixture rather than ending it at once.
+    shards = [
+        (i, s, _shard(s.documents, process_index, process_count)) for i, s in enumerate(sources)
+    ]
+    shards = [shard for shard in shards if len(shard[2])] or shards[:1]
+    if len(shards) == 1:
+        ((_, _, docs),) = shards
+        rows = packed_rows(docs, _VALIDATION_SEED)
+    else:
+        rows = grain.IterDataset.mix(
+            {
+                s.name: packed_rows(docs, _component_seed(_VALIDATION_SEED, i))
+                for i, s, docs in shards
+            },
+            {s.name: s.weight for _, s, _ in shards},
+        )
     batches = rows.batch(batch_size, batch_fn=PadBatch(batch_size, cfg.seq_len, tokenizer.pad_id))
     if cfg.validation_max_batches:
         filler = PadBatch(batch_size, cfg.seq_len, tokenizer.pad_id)([])

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from ling_jax import data
+from ling_jax.data import pipeline
 from tests.data.helpers import assert_batches_equal, check_rows, json_roundtrip, tiny_config
 
+# Rows of the generated arithmetic set hold nothing else (stdlib rows always do).
+ARITHMETIC = re.compile(r"[0-9+\-*=?;.:QA \n]*")
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 
 
@@ -167,6 +170,58 @@ def test_mixture_weights_rows(tmp_path):
     from_b = sum("bb-" in r and "aa-" not in r for r in rows)
     assert from_a + from_b == 40  # Components are packed separately.
     assert 27 <= from_a <= 33
+
+
+def test_held_out_validation_follows_the_mixture_weights(tmp_path):
+    # Equally many documents in both components, weighted 3:1: validation mixes their rows 3:1
+    # as training does, not 1:1 as the held-out documents alone would.
+    _write_docs(tmp_path / "a", "aa", 400)
+    _write_docs(tmp_path / "b", "bb", 400)
+    cfg = _files_config(
+        "", mixture=f"{tmp_path}/a/*.jsonl:3,{tmp_path}/b/*.jsonl:1", validation_fraction=0.5
+    )
+    _, validation, tok = data.build_datasets(cfg, workdir=str(tmp_path), batch_size=4)
+    batches = list(validation)
+    rows = [
+        tok.decode(ids[seg > 0])
+        for b in batches
+        for ids, seg in zip(b["input_ids"], b["segment_ids"], strict=True)
+    ]
+    rows = [r for r in rows if r]
+    from_a = sum("aa-" in r and "bb-" not in r for r in rows)
+    from_b = sum("bb-" in r and "aa-" not in r for r in rows)
+    assert from_a + from_b == len(rows)  # Components are packed separately, as in training.
+    assert 2.7 <= from_a / from_b <= 3.3
+    # Every prefix is mixed alike, so a capped evaluation (eval.max_batches) is too.
+    head = rows[:40]
+    assert 27 <= sum("aa-" in r for r in head) <= 33
+    # "aa" runs out first (3x the rows, as many documents): every held-out "aa" document is
+    # read once, in one stream of rows, and nothing else of its component; "bb" is cut short.
+    components, sources = pipeline.build_sources(cfg)
+    held_out = {s.documents[i].split()[0] for s in sources for i in range(len(s.documents))}
+    trained = {c.train[i].split()[0] for c in components for i in range(len(c.train))}
+    assert not held_out & trained
+    a_stream = [r for r in rows if "aa-" in r]
+    a_tags = re.findall(r"aa-\d+", "".join(a_stream))
+    assert sorted(a_tags) == sorted(t for t in held_out if t.startswith("aa-"))
+    b_tags = re.findall(r"bb-\d+", "".join(r for r in rows if "bb-" in r))
+    assert len(b_tags) == len(set(b_tags)) and set(b_tags) < held_out
+    assert_batches_equal(batches, list(validation))
+
+
+def test_embedded_validation_has_the_training_arithmetic_share(embedded_workdir):
+    # Held out by documents, the embedded validation split would hold far more arithmetic
+    # (short, easy documents) than the 10% of training rows; it follows the training share.
+    cfg = tiny_config(validation_max_batches=20)
+    _, validation, tok = data.build_datasets(cfg, workdir=embedded_workdir, batch_size=8)
+    tokens = {True: 0, False: 0}
+    for batch in validation:
+        for ids, seg in zip(batch["input_ids"], batch["segment_ids"], strict=True):
+            if (seg > 0).any():
+                text = tok.decode(ids[seg > 0])
+                tokens[ARITHMETIC.fullmatch(text) is not None] += int((seg > 0).sum())
+    share = tokens[True] / (tokens[True] + tokens[False])
+    assert abs(share - cfg.embedded_arithmetic_fraction) < 0.02, share
 
 
 def test_epochs_end_the_training_set(tmp_path):
