@@ -4,11 +4,11 @@
     python -m experiments.sweep --config=experiments/configs/efficiency_leverage_micro.py \\
         --root=runs/wind_tunnel/leverage
 
-Two three-rung families on the same data and rung shapes (d_model, layers) = (64, 2), (96, 2),
-(96, 3): a MoE with 64 experts of width d_model (G = 2), top-1 + 1 shared (A = 2/65 = 3.1%),
+Two three-rung families on the same data and rung shapes (d_model, layers) = (48, 2), (64, 2),
+(64, 3): a MoE with 64 experts of width d_model (G = 2), top-1 + 1 shared (A = 2/65 = 3.1%),
 and a dense SwiGLU model with d_ffn = 3.5 d_model. Each family follows its own compute-optimal
 allocation (as in the paper's EL definition, which compares compute-optimal loss curves), with
-the micro ladder's token scale. Their compute ranges overlap (3e11-4e12 FLOPs); the leverage is
+the micro ladder's token and LR scales. Their compute ranges overlap; the leverage is
 C_dense / C_MoE at equal loss from the two power-law fits, next to the law's EL(A, G, C).
 """
 
@@ -22,7 +22,7 @@ from experiments.sweeps.wind_tunnel import Ladder
 from ling_jax.scaling.planner import cpu_overrides, plan_shape
 
 CONFIG_FILE = "experiments/configs/efficiency_leverage_micro.py"
-SHAPES = {"1": (64, 2), "2": (96, 2), "3": (96, 3)}
+SHAPES = {"1": (48, 2), "2": (64, 2), "3": (64, 3)}
 FAMILIES = {
     "moe": {"arch": "moe", "activation_ratio": 2 / 65, "granularity": 2.0},
     "dense": {"arch": "dense"},
@@ -36,7 +36,7 @@ def ladder(family: str) -> Ladder:
         f"{family}_{rung}": plan_shape(
             d_model,
             layers,
-            head_dim=32,
+            head_dim=micro.MOE["head_dim"],
             seq_len=micro.SEQ_LEN,
             vocab_size=micro.VOCAB,
             token_scale=micro.TOKEN_SCALE,
@@ -45,7 +45,12 @@ def ladder(family: str) -> Ladder:
         )
         for rung, (d_model, layers) in SHAPES.items()
     }
-    return Ladder(plans, warmup_fraction=micro.WARMUP_FRACTION, overrides=micro.OVERRIDES)
+    return Ladder(
+        plans,
+        lr_scale=micro.LR_SCALE,
+        warmup_fraction=micro.WARMUP_FRACTION,
+        overrides=micro.OVERRIDES,
+    )
 
 
 def get_config(point: str = "moe_1") -> ml_collections.ConfigDict:

@@ -22,8 +22,8 @@ from ling_jax.scaling.planner import Plan
 from ling_jax.train.experiment import default_experiment_config, validate_experiment_config
 
 
-def plan_tags(plan: Plan) -> dict[str, Any]:
-    """The results-table columns that describe a plan."""
+def plan_tags(plan: Plan, lr_scale: float = 1.0) -> dict[str, Any]:
+    """The results-table columns that describe a plan (learning_rate: the peak LR used)."""
     cfg = plan.config
     return {
         "arch": plan.arch,
@@ -36,7 +36,7 @@ def plan_tags(plan: Plan) -> dict[str, Any]:
         "num_layers": cfg.num_layers,
         "activation_ratio": plan.activation_ratio,
         "granularity": plan.granularity if plan.granularity is not None else math.nan,
-        "learning_rate": plan.learning_rate,
+        "learning_rate": lr_scale * plan.learning_rate,
         "batch_size": plan.batch_size,
         "predicted_el": plan.efficiency_leverage,
     }
@@ -128,7 +128,7 @@ class Ladder:
                 Point(
                     name=f"{prefix}{rung}",
                     config=f"{config_file}:{rung}",
-                    tags={"rung": rung, **plan_tags(plan)},
+                    tags={"rung": rung, **plan_tags(plan, self.lr_scale)},
                 )
                 for rung, plan in self.plans.items()
             ),
