@@ -73,3 +73,19 @@ def test_config_files_load_like_config_flags(tmp_path):
         load_sweep(str(path))
     with pytest.raises(ValueError, match="no get_sweep"):
         load_sweep(SMOKE)
+
+
+def test_assignments_parse_literals_and_apply_to_every_point():
+    from experiments.sweeps.spec import parse_assignment
+
+    assert parse_assignment("optim.peak_lr=1e-3") == ("optim.peak_lr", 1e-3)
+    assert parse_assignment("model.scan_layers=False") == ("model.scan_layers", False)
+    assert parse_assignment("data.train_files=gs://b/*.txt") == ("data.train_files", "gs://b/*.txt")
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_assignment("seed")
+    sweep = Sweep.grid("s", SMOKE, {"seed": [0, 1]}).with_overrides({"train.num_steps": 3})
+    assert [p.overrides for p in sweep.points] == [
+        {"seed": 0, "train.num_steps": 3},
+        {"seed": 1, "train.num_steps": 3},
+    ]
+    assert sweep.points[0].experiment_config().train.num_steps == 3
