@@ -1,0 +1,83 @@
+"""FP8 safeguard statistics (SPEC section 9) and the probe that collects them from the model.
+
+Per tensor, against its quantize -> dequantize round trip:
+  underflow   the fraction of its non-zero elements that quantize to zero (exact zeros, such
+              as padding rows, do not count);
+  distortion  the cosine similarity of the tensor with the round trip (1 = no distortion).
+
+Inside `probing()` every FP8 op records these for its input activation (1 x 128 tiles) and its
+weight (128 x 128 blocks) as an `nnx.Intermediate` named `fp8_<op>` on its module; the block
+stacks return their layers' records stacked over the layer axis. Outside `probing()` nothing is
+recorded and the model computes exactly what it computes without monitoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.fp8 import reference as ref
+
+STAT_PREFIX = "fp8_"
+
+_PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("ling_jax_fp8_probe", default=False)
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+    """Within this context (at trace time), FP8 ops record their safeguard statistics."""
+    token = _PROBING.set(True)
+    try:
+        yield
+    finally:
+        _PROBING.reset(token)
+
+
+def is_probing() -> bool:
+    return _PROBING.get()
+
+
+def round_trip_stats(x: jax.Array, q: jax.Array, x_dq: jax.Array) -> dict[str, jax.Array]:
+    """{"underflow", "distortion"} (fp32 scalars) of x, its E4M3 values q and round trip x_dq."""
+    x = x.astype(jnp.float32)
+    x_dq = x_dq.astype(jnp.float32)
+    nonzero = x != 0
+    flushed = nonzero & (q.astype(jnp.float32) == 0)
+    underflow = flushed.sum() / jnp.maximum(nonzero.sum(), 1)
+    dot = jnp.sum(x * x_dq)
+    norms = jnp.sqrt(jnp.sum(x * x)) * jnp.sqrt(jnp.sum(x_dq * x_dq))
+    cosine = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 1.0)
+    return {"underflow": underflow.astype(jnp.float32), "distortion": cosine}
+
+
+def rowwise_stats(x: jax.Array, power_of_two_scale: bool = False) -> dict[str, jax.Array]:
+    """Statistics of x [..., k] quantized in 1 x 128 tiles along its last dim."""
+    x2d = x.reshape(-1, x.shape[-1])
+    q, scale = ref.quantize_rowwise(x2d, power_of_two_scale=power_of_two_scale)
+    return round_trip_stats(x2d, q, ref.dequantize_rowwise(q, scale))
+
+
+def blockwise_stats(w: jax.Array, power_of_two_scale: bool = False) -> dict[str, jax.Array]:
+    """Statistics of w [..., k, n] quantized in 128 x 128 blocks of its last two dims."""
+    q, scale = ref.quantize_blockwise(w, power_of_two_scale=power_of_two_scale)
+    return round_trip_stats(w, q, ref.dequantize_blockwise(q, scale))
+
+
+def record(module: nnx.Module, op: str, x: jax.Array, w: jax.Array, pow2: bool) -> None:
+    """Inside `probing()`: sows the statistics of op input x [..., k] and weight w [..., k, n]."""
+    if not is_probing():
+        return
+    stats = {"input": rowwise_stats(x, pow2), "weight": blockwise_stats(w, pow2)}
+    module.sow(nnx.Intermediate, STAT_PREFIX + op, stats)
+
+
+def pop_records(module: nnx.Module):
+    """Removes and returns the module tree's recorded statistics (a pure dict; {} if none)."""
+    if not is_probing():
+        return {}
+    return nnx.to_pure_dict(nnx.pop(module, nnx.Intermediate))
