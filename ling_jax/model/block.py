@@ -71,9 +71,9 @@ class BlockStack(nnx.Module):
 
         def apply_layer(h, layer_state):
             layer = nnx.merge(graphdef, layer_state)
-            h, stats = layer(h, rope, mask, token_mask)
             # FP8 safeguard records leave the scan as per-layer outputs ({} unless probing).
-            return h, (stats, safeguards.pop_records(layer))
+            (h, stats), records = safeguards.call_recording(layer, h, rope, mask, token_mask)
+            return h, (stats, records)
 
         if self.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=_remat_policy(self.remat))

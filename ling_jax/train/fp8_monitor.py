@@ -72,9 +72,8 @@ def flatten_records(records, first_moe_layer: int) -> dict[str, jax.Array]:
 def probe_model(model: nnx.Module, input_ids, positions, segment_ids) -> dict[str, jax.Array]:
     """Runs the model once inside `probing()`; returns its FP8 statistics by metric name."""
     with fp8.probing():
-        model(input_ids, positions, segment_ids)
-    records = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-    return flatten_records(records, int(model.config.first_k_dense_replace))
+        _, records = nnx.capture(model, nnx.Intermediate)(input_ids, positions, segment_ids)
+    return flatten_records(nnx.to_pure_dict(records), int(model.config.first_k_dense_replace))
 
 
 def summarize(metrics: Mapping[str, float]) -> dict[str, float]:

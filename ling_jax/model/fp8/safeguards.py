@@ -6,8 +6,9 @@ Per tensor, against its quantize -> dequantize round trip:
   distortion  the cosine similarity of the tensor with the round trip (1 = no distortion).
 
 Inside `probing()` every FP8 op records these for its input activation (1 x 128 tiles) and its
-weight (128 x 128 blocks) as an `nnx.Intermediate` named `fp8_<op>` on its module; the block
-stacks return their layers' records stacked over the layer axis. Outside `probing()` nothing is
+weight (128 x 128 blocks) as an `nnx.Intermediate` named `fp8_<op>` on its module (`sow`, read
+back with `nnx.capture`); the block stacks capture each layer's records and return them stacked
+over the layer axis. Outside `probing()` nothing is
 recorded and the model computes exactly what it computes without monitoring.
 """
 
@@ -76,8 +77,9 @@ def record(module: nnx.Module, op: str, x: jax.Array, w: jax.Array, pow2: bool) 
     module.sow(nnx.Intermediate, STAT_PREFIX + op, stats)
 
 
-def pop_records(module: nnx.Module):
-    """Removes and returns the module tree's recorded statistics (a pure dict; {} if none)."""
+def call_recording(module: nnx.Module, *args):
+    """(module(*args), the statistics its FP8 ops record as a pure dict; {} unless probing)."""
     if not is_probing():
-        return {}
-    return nnx.to_pure_dict(nnx.pop(module, nnx.Intermediate))
+        return module(*args), {}
+    out, records = nnx.capture(module, nnx.Intermediate)(*args)
+    return out, nnx.to_pure_dict(records)
