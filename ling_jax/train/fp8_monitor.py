@@ -1,11 +1,13 @@
 """The FP8 safeguards of a training run: per op and layer, sampled every few steps.
 
-Every `fp8.monitor_every_steps` steps the trainer runs a separate jitted forward pass of the
-current parameters on (the first micro-batch of) the current batch inside
-`ling_jax.model.fp8.probing()`, and writes, for every FP8 op,
+Every `fp8.monitor_every_steps` steps the trainer runs a separate jitted forward and backward
+pass of the current parameters on (the first micro-batch of) the current batch inside
+`ling_jax.model.fp8.probing()`, with gradient taps (`ling_jax.model.fp8.safeguards`), and
+writes, for every FP8 op and each of its tensors (input: the activation, weight, grad: the
+output gradient dL/dy that the backward GEMMs quantize),
 
     fp8/underflow/layer_03/attn_qkv/input     fraction of non-zero elements quantized to zero
-    fp8/distortion/layer_03/attn_qkv/weight   cosine(tensor, quantize -> dequantize round trip)
+    fp8/distortion/layer_03/attn_qkv/grad     cosine(tensor, quantize -> dequantize round trip)
 
 (layers are numbered as in the model, the MTP block is `mtp`; ops: attn_qkv, attn_out,
 mlp_{gate,up,down}, shared_{gate,up,down}, experts_{gate_up,down}) with the summaries
@@ -24,7 +26,10 @@ from absl import logging
 from flax import nnx
 
 from ling_jax.model import fp8
-from ling_jax.model.fp8.safeguards import STAT_PREFIX
+from ling_jax.model.fp8 import safeguards
+from ling_jax.model.fp8.safeguards import GRAD_TAP_PREFIX, STAT_PREFIX
+from ling_jax.train.loss import compute_loss
+from ling_jax.train.train_step import BATCH_KEYS
 
 # The module that owns an FP8 op -> the prefix of the op's metric name.
 _OWNERS = {"attention": "attn", "shared_expert": "shared", "experts": "experts", "ffn": "mlp"}
@@ -69,11 +74,38 @@ def flatten_records(records, first_moe_layer: int) -> dict[str, jax.Array]:
     return metrics
 
 
-def probe_model(model: nnx.Module, input_ids, positions, segment_ids) -> dict[str, jax.Array]:
-    """Runs the model once inside `probing()`; returns its FP8 statistics by metric name."""
-    with fp8.probing():
-        _, records = nnx.capture(model, nnx.Intermediate)(input_ids, positions, segment_ids)
-    return flatten_records(nnx.to_pure_dict(records), int(model.config.first_k_dense_replace))
+def _grad_records(tree, path=()):
+    """Tap gradients {.., "fp8_grad_<op>": [..., 2]} -> records {.., "fp8_<op>": {"grad": ..}}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out[key] = _grad_records(value)
+        elif key.startswith(GRAD_TAP_PREFIX):
+            stats = {"underflow": value[..., 0], "distortion": value[..., 1]}
+            out[STAT_PREFIX + key[len(GRAD_TAP_PREFIX) :]] = {"grad": stats}
+    return out
+
+
+def probe_model(model: nnx.Module, batch: Mapping, mtp_weight: float) -> dict[str, jax.Array]:
+    """One forward and backward pass of the training loss (without the z-loss) inside
+    `probing()`, with gradient taps; the FP8 statistics by metric name. Modifies `model`."""
+    safeguards.add_grad_taps(model)
+    graphdef, taps, rest = nnx.split(model, safeguards.GradTap, ...)
+
+    def loss_fn(taps):
+        tapped = nnx.merge(graphdef, taps, rest)
+        with fp8.probing():
+            output, records = nnx.capture(tapped, nnx.Intermediate)(
+                batch["input_ids"], batch["positions"], batch["segment_ids"]
+            )
+        loss, _ = compute_loss(output, batch, mtp_weight=mtp_weight, z_loss_weight=0.0)
+        return loss, nnx.to_pure_dict(records)
+
+    tap_grads, records = jax.grad(loss_fn, has_aux=True)(taps)
+    first_moe = int(model.config.first_k_dense_replace)
+    metrics = flatten_records(records, first_moe)
+    metrics.update(flatten_records(_grad_records(nnx.to_pure_dict(tap_grads)), first_moe))
+    return metrics
 
 
 def summarize(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -106,14 +138,17 @@ class Fp8Monitor:
         graphdef: nnx.GraphDef,
         model_config: ml_collections.ConfigDict,
         micro_batches: int = 1,
+        mtp_weight: float | None = None,
     ):
         self.config = model_config.fp8 if "fp8" in model_config else None
         self.every = int(self.config.monitor_every_steps) if fp8.enabled(model_config) else 0
+        if mtp_weight is None:
+            mtp_weight = model_config.mtp.loss_weight
 
         def probe(state, batch: dict) -> dict[str, jax.Array]:
             model = nnx.merge(graphdef, state.params, state.expert_bias)
-            rows = {k: batch[k][::micro_batches] for k in ("input_ids", "positions", "segment_ids")}
-            return probe_model(model, rows["input_ids"], rows["positions"], rows["segment_ids"])
+            rows = {k: batch[k][::micro_batches] for k in BATCH_KEYS}  # One micro-batch.
+            return probe_model(model, rows, mtp_weight)
 
         self._probe: Callable = jax.jit(probe)
 

@@ -153,7 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state_shardings=shardings,
     )
     eval_step = jit_eval_step(make_eval_step(graphdef), mesh=mesh, state_shardings=shardings)
-    fp8_monitor = Fp8Monitor(graphdef, config.model, config.train.micro_batches)
+    mtp_weight = config.train.mtp_loss_weight
+    fp8_monitor = Fp8Monitor(graphdef, config.model, config.train.micro_batches, mtp_weight)
     if model_fp8.enabled(config.model):
         logging.info("FP8 training: %s", model_fp8.plan(config.model))
 

@@ -91,7 +91,15 @@ def test_plan_names_how_each_gemm_runs():
 def test_probe_records_every_op_of_every_layer(tiny_model, packed_batch):
     fp8_model = model_for(fp8_config())
     nnx.update(fp8_model, nnx.state(tiny_model))
-    probe = jax.jit(lambda s: probe_model(nnx.merge(nnx.graphdef(fp8_model), s), *packed_batch))
+    ids, positions, segments = (jnp.asarray(a) for a in packed_batch)
+    batch = {
+        "input_ids": ids,
+        "positions": positions,
+        "segment_ids": segments,
+        "targets": jnp.roll(ids, -1, axis=1),
+        "loss_mask": (segments != 0).astype(jnp.float32),
+    }
+    probe = jax.jit(lambda s: probe_model(nnx.merge(nnx.graphdef(fp8_model), s), batch, 0.1))
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         metrics = probe(nnx.state(fp8_model))
@@ -104,7 +112,7 @@ def test_probe_records_every_op_of_every_layer(tiny_model, packed_batch):
         for layer, ops in layers
         for op in ops
         for stat in ("underflow", "distortion")
-        for tensor in ("input", "weight")
+        for tensor in ("input", "weight", "grad")
     }
     assert set(metrics) == expected
     values = {k: float(v) for k, v in metrics.items()}
@@ -114,6 +122,7 @@ def test_probe_records_every_op_of_every_layer(tiny_model, packed_batch):
     forward_out = fp8_model(*packed_batch)
     assert forward_out.logits.shape[-1] == 256
     assert not nnx.state(fp8_model, nnx.Intermediate)
+    assert not nnx.state(fp8_model, safeguards.GradTap)  # The probe merged its own copy.
     assert not [w for w in recorded if issubclass(w.category, DeprecationWarning)]
 
 
@@ -150,3 +159,14 @@ def test_fp8_config_errors_name_the_field(field, value):
     cfg.fp8[field] = value
     with pytest.raises(ValueError, match=f"`fp8.{field}`"):
         validate_model_config(cfg)
+
+
+def test_grad_tap_carries_the_output_gradient_statistics():
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.normal(size=(6, 200)), jnp.float32)
+    dy = rng.normal(size=(6, 200)) * 10.0 ** rng.uniform(-8, 0, size=(6, 200))
+    dy = jnp.asarray(dy, jnp.float32)
+    tapped = jax.grad(lambda t: jnp.sum(safeguards._grad_tap(y, t) * dy))(jnp.zeros(2))
+    expected = safeguards.rowwise_stats(dy)
+    np.testing.assert_allclose(tapped, [expected["underflow"], expected["distortion"]])
+    assert 0 < float(tapped[0]) < 1  # Some of the 8 decades flush to zero.

@@ -6,12 +6,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from absl import logging
+from absl import flags, logging
+from ml_collections import config_flags
 
-from experiments.configs import fp8_compare, quickstart
+from experiments.configs import fp8_compare, quickstart, smoke
 from ling_jax.train.experiment import validate_experiment_config
 from ling_jax.train.fp8_monitor import Fp8Monitor, crossings
+from ling_jax.train.metrics import read_metrics
 from ling_jax.train.train_step import init_train_state, jit_train_step, make_train_step
+from ling_jax.train.trainer import train_and_evaluate
 from tests.train.conftest import FAST_COMPILE, build_model, packed_batch, tiny_model_config
 
 
@@ -66,7 +69,8 @@ def test_monitor_writes_every_op_and_warns(fp8_run, fp8_model_cfg, monkeypatch):
     monkeypatch.setattr(logging, "warning", lambda fmt, *args: warned.append(fmt % args))
     metrics = monitor(5, state, packed_batch())
     names = [k for k in metrics if k.count("/") == 4]
-    assert len(names) == 2 * 2 * (5 + 7 * 3)  # stats x tensors x ops (dense, 2 MoE, MTP)
+    assert len(names) == 2 * 3 * (5 + 7 * 3)  # stats x tensors x ops (dense, 2 MoE, MTP)
+    assert "fp8/distortion/mtp/attn_qkv/grad" in metrics
     assert "fp8/underflow/layer_02/experts_down/input" in metrics
     assert 0.99 < metrics["fp8/distortion/min"] < 1 and metrics["fp8/underflow/max"] < 0.01
     assert len(warned) == len(names) // 2
@@ -77,10 +81,14 @@ def test_monitor_writes_every_op_and_warns(fp8_run, fp8_model_cfg, monkeypatch):
 
 
 def test_fp8_flag_reaches_the_model_config():
-    cfg = quickstart.get_config()
-    assert cfg.fp8 is cfg.model.fp8 and not cfg.model.fp8.enabled
-    cfg.fp8.enabled = True  # What --config.fp8.enabled=True does.
-    assert cfg.model.fp8.enabled
+    argv = ["run", "--config=experiments/configs/quickstart.py", "--config.fp8.enabled=True"]
+    argv.append("--config.model.fp8.mode=emulated")  # The same section under its other name.
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    cfg = holder.value
+    assert cfg.fp8 is cfg.model.fp8
+    assert cfg.model.fp8.enabled and cfg.fp8.mode == "emulated"
     validate_experiment_config(cfg)
     cfg.fp8 = cfg.fp8.copy_and_resolve_references()
     cfg.fp8.mode = "native"
@@ -88,7 +96,7 @@ def test_fp8_flag_reaches_the_model_config():
         validate_experiment_config(cfg)
 
 
-@pytest.mark.parametrize("precision", fp8_compare.PRECISIONS)
+@pytest.mark.parametrize("precision", (*fp8_compare.PRECISIONS, fp8_compare.CONTROL))
 def test_fp8_compare_configs(precision):
     cfg = validate_experiment_config(fp8_compare.get_config(f"{precision},50"))
     assert cfg.model.fp8.enabled == (precision == "fp8") and cfg.train.num_steps == 50
@@ -97,3 +105,21 @@ def test_fp8_compare_configs(precision):
     with pytest.raises(ValueError, match="precision"):
         fp8_compare.get_config("fp16")
     jax.tree.map(lambda x: x, cfg.to_dict())
+
+
+def test_trainer_writes_the_safeguards_and_snapshots_resume_across_fp8(tmp_path):
+    """An FP8 run logs fp8/* every monitor_every_steps; fp8 fields are runtime-only, so the
+    same workdir resumes with FP8 off."""
+    cfg = smoke.get_config()
+    cfg.train.num_steps = 2
+    cfg.fp8.enabled = True
+    cfg.fp8.monitor_every_steps = 2
+    workdir = str(tmp_path)
+    train_and_evaluate(cfg, workdir)
+    probes = [r for r in read_metrics(workdir) if "fp8/underflow/max" in r]
+    assert [r["step"] for r in probes] == [2]
+    assert "fp8/distortion/layer_01/experts_gate_up/grad" in probes[0]
+    cfg = smoke.get_config()
+    cfg.train.num_steps = 3
+    train_and_evaluate(cfg, workdir)
+    assert max(r["step"] for r in read_metrics(workdir)) == 3

@@ -80,7 +80,7 @@ def linear(
     """
     config = module.config
     safeguards.record(module, op, x, w, config.fp8.power_of_two_scale)
-    return fp8_contract(
+    y = fp8_contract(
         x,
         w,
         contract,
@@ -89,6 +89,7 @@ def linear(
         wgrad_fp8=config.fp8.wgrad == "fp8",
         out_dtype=config.dtype,
     )
+    return safeguards.tap_gradient(module, op, y)
 
 
 def grouped(
@@ -97,7 +98,7 @@ def grouped(
     """FP8 grouped matmul of expert-sorted rows lhs [m, k] with w [E, k, n], output in `dtype`."""
     config = module.config
     safeguards.record(module, op, lhs, w, config.fp8.power_of_two_scale)
-    return fp8_grouped_matmul(
+    y = fp8_grouped_matmul(
         lhs,
         w,
         group_sizes,
@@ -108,3 +109,4 @@ def grouped(
         wgrad_fp8=config.fp8.wgrad == "fp8",
         out_dtype=config.dtype,
     )
+    return safeguards.tap_gradient(module, op, y)

@@ -26,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import match_cotangent
 from pallas_kernels.fp8 import reference as ref
 
 TILE = ref.BLOCK
@@ -108,7 +109,9 @@ def _fp8_matmul_bwd(native, pow2, wgrad_fp8, out_dtype, residuals, dy):
         dw = scaled_matmul(xtq, xts, gtq.T, gts.T, native=native)
     else:
         dw = jnp.einsum("mk,mn->kn", x, dy.astype(x.dtype), preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w_dtype_token.dtype)
+    # Under shard_map (the shared expert) a replicated weight gets the sum over the shards.
+    dw = match_cotangent(dw.astype(w_dtype_token.dtype), wq)
+    return match_cotangent(dx.astype(x.dtype), x), dw
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.model.moe.grouped_matmul import grouped_matmul
+from pallas_kernels.common import match_cotangent
 from pallas_kernels.fp8 import gmm_fp8
 from pallas_kernels.fp8 import reference as ref
 
@@ -102,7 +103,8 @@ def _emulated_bwd(backend, tile_rows, pow2, wgrad_fp8, out_dtype, residuals, dou
         lambda w_: _gmm(x, w_.astype(x.dtype), group_sizes, backend, tile_rows, g.dtype), w
     )
     (dw,) = vjp(g)
-    return dlhs, dw.astype(rhs_dtype_token.dtype), None
+    dw = match_cotangent(dw.astype(rhs_dtype_token.dtype), wq)
+    return match_cotangent(dlhs, lhs), dw, None
 
 
 _emulated.defvjp(_emulated_fwd, _emulated_bwd)

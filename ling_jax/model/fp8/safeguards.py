@@ -8,14 +8,23 @@ Per tensor, against its quantize -> dequantize round trip:
 Inside `probing()` every FP8 op records these for its input activation (1 x 128 tiles) and its
 weight (128 x 128 blocks) as an `nnx.Intermediate` named `fp8_<op>` on its module (`sow`, read
 back with `nnx.capture`); the block stacks capture each layer's records and return them stacked
-over the layer axis. Outside `probing()` nothing is
-recorded and the model computes exactly what it computes without monitoring.
+over the layer axis.
+
+The output gradient dL/dy (what the dgrad and wgrad GEMMs quantize) is measured with gradient
+taps: `add_grad_taps(model)` gives every FP8 op a zero `GradTap` variable ([2], or [layers, 2]
+on stacked blocks), the op passes its output through an identity whose backward pass returns
+dy's (underflow, distortion) as the tap's cotangent, so the gradient of the loss with respect
+to the taps holds the statistics, per layer. Models without taps (training) are unaffected.
+
+Outside `probing()` and without taps the model computes exactly what it computes without
+monitoring.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -75,6 +84,59 @@ def record(module: nnx.Module, op: str, x: jax.Array, w: jax.Array, pow2: bool) 
         return
     stats = {"input": rowwise_stats(x, pow2), "weight": blockwise_stats(w, pow2)}
     module.sow(nnx.Intermediate, STAT_PREFIX + op, stats)
+
+
+class GradTap(nnx.Variable):
+    """A zero whose gradient carries an FP8 op's output-gradient statistics (see above)."""
+
+
+GRAD_TAP_PREFIX = STAT_PREFIX + "grad_"
+# FP8 ops per module class name (the classes import this module, hence names), and a parameter
+# giving the leading (stacked-layer) dims: (attribute, its rank in an unstacked module).
+_TAPPED = {
+    "Attention": (("qkv", "out"), ("qkv", 3)),
+    "SwiGLU": (("gate", "up", "down"), ("gate", 2)),
+    "RoutedExperts": (("gate_up", "down"), ("gate", 3)),
+}
+
+
+def add_grad_taps(model: nnx.Module) -> None:
+    """Attaches a zero `GradTap` to every FP8 op of the model (for a probe's backward pass)."""
+    for _, module in nnx.iter_modules(model):
+        spec = _TAPPED.get(type(module).__name__)
+        if spec is None:
+            continue
+        ops, (param, rank) = spec
+        lead = getattr(module, param).shape[: getattr(module, param).ndim - rank]
+        for op in ops:
+            setattr(module, GRAD_TAP_PREFIX + op, GradTap(jnp.zeros((*lead, 2), jnp.float32)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _grad_tap(y: jax.Array, tap: jax.Array, pow2: bool = False) -> jax.Array:
+    del tap, pow2
+    return y
+
+
+def _grad_tap_fwd(y, tap, pow2):
+    del tap, pow2
+    return y, None
+
+
+def _grad_tap_bwd(pow2, _, dy):
+    stats = rowwise_stats(dy, pow2)  # dy as the dgrad GEMM quantizes it: 1 x 128 tiles.
+    return dy, jnp.stack([stats["underflow"], stats["distortion"]])
+
+
+_grad_tap.defvjp(_grad_tap_fwd, _grad_tap_bwd)
+
+
+def tap_gradient(module: nnx.Module, op: str, y: jax.Array) -> jax.Array:
+    """y unchanged; with a tap attached (`add_grad_taps`), dy's statistics reach the tap."""
+    tap = getattr(module, GRAD_TAP_PREFIX + op, None)
+    if tap is None:
+        return y
+    return _grad_tap(y, tap[...], module.config.fp8.power_of_two_scale)
 
 
 def call_recording(module: nnx.Module, *args):
