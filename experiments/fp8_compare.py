@@ -9,7 +9,10 @@ fp8_compare.py), once in BF16 and once with `fp8.enabled=True`, then prints
     and of the validation loss at every evaluation, and at the end (SPEC section 9: the 1T
     model stayed within 0.25%);
   * the FP8 run's safeguard statistics per layer and op at its last probe, with the extremes
-    over the run.
+    over the run;
+  * the gap of the same final weights evaluated with the BF16 and with the FP8 forward pass;
+  * with --control, the same gaps for `bf16_reordered`, a BF16 run with another fp32 rounding
+    order (chunked attention): how far two runs drift apart from rounding alone.
 
 Every run is a public `experiments.run` command, printed as it runs; finished runs in --root are
 reused. The final line is `final_relative_gap=<eval gap at the last step>`.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections import defaultdict
 
@@ -58,52 +62,100 @@ def safeguard_table(records: list[dict]) -> tuple[int, dict, dict]:
     return last["step"], dict(sorted(table.items())), extremes
 
 
+def _finished(workdir: str, steps: int) -> bool:
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return False
+    return any(r["step"] == steps and "eval/loss" in r for r in read_metrics(workdir))
+
+
+def _summary(name: str, gaps: dict[int, float]) -> str:
+    values = list(gaps.values())
+    late = values[len(values) // 2 :]
+    return (
+        f"  {name}: mean {sum(values) / len(values):+.4%}, second half mean "
+        f"{sum(late) / len(late):+.4%}, max |gap| {max(map(abs, values)):.4%}, "
+        f"last {values[-1]:+.4%}"
+    )
+
+
+def cross_evaluate(runner: Runner, root: str, source: str, precision: str, steps: int) -> float:
+    """eval/loss of run `source`'s final weights with the forward pass of `precision`.
+
+    The snapshot is copied into a fresh workdir and `experiments.run` at the same step only
+    evaluates it: the fp8 fields are runtime-only, so either precision resumes any snapshot.
+    """
+    name = f"{source}_weights_{precision}_forward"
+    workdir = os.path.join(root, name)
+    if not _finished(workdir, steps):
+        for sub in (f"checkpoints/{steps}", "tokenizer"):
+            if not os.path.exists(os.path.join(workdir, sub)):
+                shutil.copytree(os.path.join(root, source, sub), os.path.join(workdir, sub))
+        config = f"--config={CONFIG}:{precision},{steps}"
+        runner.run(name, ["experiments.run", config, f"--workdir={workdir}"])
+    return _series(read_metrics(workdir), "eval/loss")[steps]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="folder of the runs (reused if present)")
     parser.add_argument("--num_steps", type=int, default=fp8_compare.NUM_STEPS)
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run bf16_reordered (BF16, another rounding order): the noise floor",
+    )
     args = parser.parse_args(argv)
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     runner = Runner(root)
     steps = args.num_steps
-    workdir = {p: os.path.join(root, p) for p in fp8_compare.PRECISIONS}
-    for precision in fp8_compare.PRECISIONS:
-        path = os.path.join(workdir[precision], "metrics.jsonl")
-        done = os.path.exists(path) and any(
-            r["step"] == steps and "eval/loss" in r for r in read_metrics(workdir[precision])
-        )
-        if not done:
-            runner.run(
-                precision,
-                [
-                    "experiments.run",
-                    f"--config={CONFIG}:{precision},{steps}",
-                    f"--workdir={workdir[precision]}",
-                ],
-            )
-
-    records = {p: read_metrics(workdir[p]) for p in fp8_compare.PRECISIONS}
-    train = relative_gaps(*(_series(records[p], "train/loss") for p in fp8_compare.PRECISIONS))
-    evals = {p: _series(records[p], "eval/loss") for p in fp8_compare.PRECISIONS}
-    eval_gap = relative_gaps(evals["bf16"], evals["fp8"])
-
-    print("\nvalidation loss (eval/loss, nats/token) and relative gap (fp8 - bf16) / bf16:")
-    print(f"  {'step':>5s} {'bf16':>8s} {'fp8':>8s} {'gap':>9s}")
-    for step, gap in eval_gap.items():
-        print(f"  {step:5d} {evals['bf16'][step]:8.4f} {evals['fp8'][step]:8.4f} {gap:+9.4%}")
-    train_gaps = list(train.values())
-    late = train_gaps[len(train_gaps) // 2 :]
-    mean = sum(train_gaps) / len(train_gaps)
-    print(
-        f"training loss gap over {len(train_gaps)} logging windows: mean {mean:+.4%}, "
-        f"second half mean {sum(late) / len(late):+.4%}, "
-        f"max |gap| {max(map(abs, train_gaps)):.4%}, last {train_gaps[-1]:+.4%}"
+    runs = (
+        (*fp8_compare.PRECISIONS, fp8_compare.CONTROL) if args.control else fp8_compare.PRECISIONS
     )
-    for precision in fp8_compare.PRECISIONS:
-        seconds = runner.timings.get(precision, {}).get("seconds")
+    workdir = {p: os.path.join(root, p) for p in runs}
+    for run in runs:
+        if not _finished(workdir[run], steps):
+            config = f"--config={CONFIG}:{run},{steps}"
+            runner.run(run, ["experiments.run", config, f"--workdir={workdir[run]}"])
+
+    records = {p: read_metrics(workdir[p]) for p in runs}
+    evals = {p: _series(records[p], "eval/loss") for p in runs}
+    trains = {p: _series(records[p], "train/loss") for p in runs}
+    compared = [p for p in runs if p != "bf16"]
+    eval_gap = {p: relative_gaps(evals["bf16"], evals[p]) for p in compared}
+    train_gap = {p: relative_gaps(trains["bf16"], trains[p]) for p in compared}
+
+    print("\nvalidation loss (eval/loss, nats/token) and relative gap (run - bf16) / bf16:")
+    print(f"  {'step':>5s} {'bf16':>8s} " + " ".join(f"{p:>14s} {'gap':>9s}" for p in compared))
+    for step in eval_gap["fp8"]:
+        cells = " ".join(
+            f"{evals[p][step]:14.4f} {eval_gap[p][step]:+9.4%}"
+            for p in compared
+            if step in eval_gap[p]
+        )
+        print(f"  {step:5d} {evals['bf16'][step]:8.4f} {cells}")
+    print("relative gap of the eval loss / of the training loss (means over logging windows):")
+    for p in compared:
+        print(_summary(f"{p} eval ", eval_gap[p]))
+        print(_summary(f"{p} train", train_gap[p]))
+    for run in runs:
+        seconds = runner.timings.get(run, {}).get("seconds")
         if seconds is not None:
-            print(f"  {precision} run: {seconds / 60:.1f} min")
+            print(f"  {run} run: {seconds / 60:.1f} min")
+
+    # The same weights through both forward passes: FP8's own effect on the loss, free of
+    # the drift between two training trajectories.
+    print(f"\nsame weights, BF16 and FP8 forward passes (eval/loss at step {steps}):")
+    forward_gap = {}
+    for source in fp8_compare.PRECISIONS:
+        other = "fp8" if source == "bf16" else "bf16"
+        losses = {source: evals[source][steps]}
+        losses[other] = cross_evaluate(runner, root, source, other, steps)
+        forward_gap[source] = (losses["fp8"] - losses["bf16"]) / losses["bf16"]
+        print(
+            f"  {source} weights: bf16 forward {losses['bf16']:.4f}, fp8 forward "
+            f"{losses['fp8']:.4f}, gap {forward_gap[source]:+.4%}"
+        )
 
     step, table, extremes = safeguard_table(records["fp8"])
     if table:
@@ -111,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             f"\nFP8 safeguards at step {step} (underflow: fraction of non-zero elements "
             "quantized to 0; distortion: cosine with the round trip):"
         )
-        columns = ("underflow/input", "underflow/weight", "distortion/input", "distortion/weight")
+        present = {c for stats in table.values() for c in stats}
+        columns = [
+            f"{stat}/{tensor}"
+            for stat in ("underflow", "distortion")
+            for tensor in ("input", "weight", "grad")
+            if f"{stat}/{tensor}" in present
+        ]
         print(f"  {'layer':<9s} {'op':<16s} " + " ".join(f"{c:>17s}" for c in columns))
         for (layer, op), stats in table.items():
             cells = " ".join(f"{stats.get(c, float('nan')):17.6f}" for c in columns)
@@ -119,11 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in extremes.items():
             print(f"  over the run: {name} = {value:.6f}")
 
-    final = eval_gap[max(eval_gap)]
+    final = eval_gap["fp8"][max(eval_gap["fp8"])]
     summary = {
         "eval_gap": eval_gap,
-        "train_gap": train,
+        "train_gap": train_gap,
         "final_relative_gap": final,
+        "same_weights_forward_gap": forward_gap,
         "safeguards_step": step,
         "safeguard_extremes": extremes,
         "timings": runner.timings,

@@ -3,7 +3,10 @@
 
     python -m experiments.run --config=experiments/configs/fp8_compare.py:fp8 --workdir=runs/fp8
 
-The argument is `<precision>[,<num_steps>]` with precision `bf16` or `fp8` (default `fp8,200`).
+The argument is `<precision>[,<num_steps>]` with precision `bf16`, `fp8` or `bf16_reordered`
+(default `fp8,200`). `bf16_reordered` is the BF16 run with chunked attention: the same math
+with another fp32 rounding order, so its gap to `bf16` is the comparison's noise floor (how far
+two runs drift apart from rounding differences alone).
 The model is the quickstart's with widths that are multiples of 128 (hidden 256, 4 heads of 64,
 expert width 128), so every GEMM has whole 1 x 128 tiles and 128 x 128 blocks, and compute in
 bfloat16 (the baseline SPEC section 9 measures against). FP8 is emulated on a CPU.
@@ -17,12 +20,15 @@ from experiments.configs import quickstart
 
 NUM_STEPS = 200
 PRECISIONS = ("bf16", "fp8")
+CONTROL = "bf16_reordered"
 
 
 def parse_arg(arg: str) -> tuple[str, int]:
     precision, _, steps = (arg or "fp8").partition(",")
-    if precision not in PRECISIONS:
-        raise ValueError(f"fp8_compare precision {precision!r}: expected one of {PRECISIONS}")
+    if precision not in (*PRECISIONS, CONTROL):
+        raise ValueError(
+            f"fp8_compare precision {precision!r}: expected one of {(*PRECISIONS, CONTROL)}"
+        )
     return precision, int(steps) if steps else NUM_STEPS
 
 
@@ -52,5 +58,8 @@ def get_config(arg: str = "fp8") -> ml_collections.ConfigDict:
     cfg.checkpoint.every_steps = num_steps
     cfg.checkpoint.max_to_keep = 1
     cfg.fp8.enabled = precision == "fp8"
+    if precision == CONTROL:
+        cfg.model.attention.impl = "chunked"
+        cfg.model.attention.chunk_size = 64
     cfg.fp8.monitor_every_steps = 50
     return cfg
