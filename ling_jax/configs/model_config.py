@@ -10,6 +10,7 @@ Sections:
   attention    QK-norm and the attention implementation.
   moe          routed/shared experts, router, grouped-matmul backend.
   mtp          multi-token-prediction layers.
+  fp8          FP8 (E4M3) training of the linear layers (SPEC section 9) and its monitoring.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ ROPE_SCALING_TYPES = ("none", "yarn")
 ATTENTION_IMPLS = ("xla", "chunked")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+FP8_MODES = ("auto", "native", "emulated")
+FP8_WGRAD = ("fp8", "input")
 
 
 def base_model_config() -> ml_collections.ConfigDict:
@@ -90,6 +93,32 @@ def base_model_config() -> ml_collections.ConfigDict:
     cfg.mtp = ml_collections.ConfigDict()
     cfg.mtp.num_layers = 1
     cfg.mtp.loss_weight = 0.1
+
+    # FP8 training (SPEC section 9, TransformerEngine's blockwise recipe): the GEMMs of the QKV
+    # and output projections, dense MLPs, routed and shared experts run on E4M3 operands with
+    # fp32 scales per 1 x 128 tile (activations, gradients) and 128 x 128 block (weights), fp32
+    # accumulation and outputs in `dtype`. Router, expert bias, embeddings, head, norms, softmax
+    # and the MTP projection stay in higher precision. Changes how the model runs, not its
+    # parameters: snapshots resume and merge across this section (ling_jax.model.fp8).
+    cfg.fp8 = ml_collections.ConfigDict()
+    cfg.fp8.enabled = False
+    # "native": E4M3 operands into the matmuls (the hardware's FP8 GEMMs: H100, TPU v7);
+    # "emulated": quantize -> dequantize, then fp32 matmuls (same numerics, any backend);
+    # "auto": native on GPUs of compute capability >= 8.9 and on TPU v7, emulated elsewhere.
+    # Routed experts run natively only through the Pallas kernel (moe.backend = "pallas").
+    cfg.fp8.mode = "auto"
+    # Round every scale up to a power of two (x / scale is then exact; TE's default is False).
+    cfg.fp8.power_of_two_scale = False
+    # The weight-gradient GEMM: "fp8" (both operands 1 x 128 along the tokens, as TE does) or
+    # "input" (in the compute dtype, like `pallas_kernels.fp8.gmm_fp8`; dL/dW is a leaf).
+    cfg.fp8.wgrad = "fp8"
+    # Safeguards (trainer): every this many steps, per FP8 op and layer, the underflow fraction
+    # (non-zero elements that quantize to zero) and distortion (cosine similarity of a tensor
+    # with its quantize -> dequantize round trip) of the op's input and weight, written as
+    # fp8/underflow/layer_03/attn_qkv/input etc. 0 disables the probe.
+    cfg.fp8.monitor_every_steps = 100
+    cfg.fp8.underflow_warn = 1e-3  # Warn when an underflow fraction exceeds this.
+    cfg.fp8.distortion_warn = 0.99  # Warn when a cosine similarity falls below this.
     return cfg
 
 
@@ -193,8 +222,25 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
         _fail("mtp.num_layers", cfg.mtp.num_layers, "0 or 1")
     if cfg.mtp.loss_weight < 0:
         _fail("mtp.loss_weight", cfg.mtp.loss_weight, ">= 0")
+    _validate_fp8(cfg)
     if cfg.rope.scaling.type == "yarn":
         _check_positive(
             cfg, ("rope.scaling.factor", "rope.scaling.original_max_position_embeddings")
         )
     return cfg
+
+
+def _validate_fp8(cfg: ml_collections.ConfigDict) -> None:
+    if "fp8" not in cfg:  # Configs written before the section existed: FP8 off.
+        return
+    _check_choice(cfg, "fp8.mode", FP8_MODES)
+    _check_choice(cfg, "fp8.wgrad", FP8_WGRAD)
+    for field in ("enabled", "power_of_two_scale"):
+        if not isinstance(cfg.fp8[field], bool):
+            _fail(f"fp8.{field}", cfg.fp8[field], "True or False")
+    if cfg.fp8.monitor_every_steps < 0:
+        _fail("fp8.monitor_every_steps", cfg.fp8.monitor_every_steps, ">= 0 (0 disables)")
+    if not 0 <= cfg.fp8.underflow_warn <= 1:
+        _fail("fp8.underflow_warn", cfg.fp8.underflow_warn, "a fraction in [0, 1]")
+    if not -1 <= cfg.fp8.distortion_warn <= 1:
+        _fail("fp8.distortion_warn", cfg.fp8.distortion_warn, "a cosine similarity in [-1, 1]")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ling_jax.model import fp8
 from ling_jax.model.chunked_attention import chunked_attention
 from ling_jax.model.norms import RMSNorm
 from ling_jax.model.params import cast, normal_param
@@ -106,7 +107,10 @@ class Attention(nnx.Module):
         """q [batch, seq, q_heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], with
         QK-norm and partial RoPE applied to q and k (the form a KV cache stores)."""
         # x: [batch, seq, embed]; rope: cos, sin [batch, seq, rotary_dim]
-        qkv = jnp.einsum("bsd,dhk->bshk", x, cast(self.qkv[...], self.config))
+        if fp8.enabled(self.config):
+            qkv = fp8.linear(self, "qkv", x, self.qkv[...])
+        else:
+            qkv = jnp.einsum("bsd,dhk->bshk", x, cast(self.qkv[...], self.config))
         q = qkv[:, :, : self.num_heads]
         k = qkv[:, :, self.num_heads : self.num_heads + self.num_kv_heads]
         v = qkv[:, :, self.num_heads + self.num_kv_heads :]
@@ -117,6 +121,8 @@ class Attention(nnx.Module):
 
     def project_out(self, o: jax.Array) -> jax.Array:
         # o: [batch, seq, q_heads, head_dim] -> [batch, seq, embed]
+        if fp8.enabled(self.config):
+            return fp8.linear(self, "out", o, self.out[...], contract=2)
         return jnp.einsum("bshk,hkd->bsd", o, cast(self.out[...], self.config))
 
     def __call__(

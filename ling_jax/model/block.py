@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from ling_jax.model.attention import Attention
+from ling_jax.model.fp8 import safeguards
 from ling_jax.model.mlp import SwiGLU
 from ling_jax.model.moe.layer import MoE, MoEStats
 from ling_jax.model.norms import RMSNorm
@@ -69,18 +70,22 @@ class BlockStack(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def apply_layer(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, rope, mask, token_mask)
+            layer = nnx.merge(graphdef, layer_state)
+            # FP8 safeguard records leave the scan as per-layer outputs ({} unless probing).
+            (h, stats), records = safeguards.call_recording(layer, h, rope, mask, token_mask)
+            return h, (stats, records)
 
         if self.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=_remat_policy(self.remat))
 
         if self.scan_layers:
-            return jax.lax.scan(apply_layer, h, state)
-
-        per_layer_stats = []
-        for i in range(self.num_layers):
-            h, stats = apply_layer(h, jax.tree.map(lambda a, i=i: a[i], state))
-            per_layer_stats.append(stats)
-        if per_layer_stats[0] is None:
-            return h, None
-        return h, jax.tree.map(lambda *xs: jax.numpy.stack(xs), *per_layer_stats)
+            h, (stats, records) = jax.lax.scan(apply_layer, h, state)
+        else:
+            per_layer = []
+            for i in range(self.num_layers):
+                h, out = apply_layer(h, jax.tree.map(lambda a, i=i: a[i], state))
+                per_layer.append(out)
+            stats, records = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *per_layer)
+        if records:  # [num_layers, ...] each
+            self.sow(nnx.Intermediate, safeguards.STAT_PREFIX + "layers", records)
+        return h, stats

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ling_jax.model import fp8
 from ling_jax.model.params import cast, normal_param
 
 
@@ -21,6 +22,10 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # x: [..., embed] -> [..., embed]
+        if fp8.enabled(self.config):
+            gate = fp8.linear(self, "gate", x, self.gate[...])
+            up = fp8.linear(self, "up", x, self.up[...])
+            return fp8.linear(self, "down", jax.nn.silu(gate) * up, self.down[...])
         gate = jnp.einsum("...d,df->...f", x, cast(self.gate[...], self.config))
         up = jnp.einsum("...d,df->...f", x, cast(self.up[...], self.config))
         return jnp.einsum(

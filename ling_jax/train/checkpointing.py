@@ -34,6 +34,13 @@ _RUNTIME_MODEL_FIELDS = (
     "moe.xla_tile_rows",
     "attention.impl",
     "attention.chunk_size",
+    "fp8.enabled",
+    "fp8.mode",
+    "fp8.power_of_two_scale",
+    "fp8.wgrad",
+    "fp8.monitor_every_steps",
+    "fp8.underflow_warn",
+    "fp8.distortion_warn",
 )
 
 

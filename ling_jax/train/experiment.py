@@ -9,6 +9,8 @@
     checkpoint  orbax snapshot cadence and retention
     logging     metric cadence and profiling
     mesh        device mesh axis sizes (data, fsdp, expert, tensor) within and across slices
+    fp8         FP8 training and its safeguards: the model's own `model.fp8` section, exposed
+                at the top level (`--config.fp8.enabled=True` is `--config.model.fp8.enabled`)
     seed        parameter initialisation and data order
 
 `experiments/configs/*.py` build on `default_experiment_config()`; `validate_experiment_config`
@@ -67,6 +69,8 @@ def default_experiment_config(model: ml_collections.ConfigDict) -> ml_collection
     cfg.checkpoint = default_checkpoint_config()
     cfg.logging = default_logging_config()
     cfg.mesh = default_mesh_config()
+    # One section under two names: overriding either sets both (see the module docstring).
+    cfg.fp8 = cfg.model.fp8
     cfg.seed = 0
     return cfg
 
@@ -88,6 +92,11 @@ def validate_experiment_config(cfg: ml_collections.ConfigDict) -> ml_collections
     if missing:
         raise ValueError(f"experiment config lacks the section(s) {sorted(missing)}")
     validate_model_config(cfg.model)
+    if "fp8" in cfg and cfg.fp8.to_dict() != cfg.model.fp8.to_dict():
+        raise ValueError(
+            f"fp8 = {cfg.fp8.to_dict()} disagrees with model.fp8 = {cfg.model.fp8.to_dict()}: "
+            "they are one section (set cfg.fp8 = cfg.model.fp8 after replacing cfg.model)"
+        )
     validate_data_config(cfg.data)
     validate_optim_config(cfg.optim)
     validate_schedule_config(cfg.schedule)

@@ -24,10 +24,12 @@ from jax.sharding import NamedSharding
 
 from ling_jax.data import Datasets, build_datasets, check_vocab
 from ling_jax.model import flops_per_token
+from ling_jax.model import fp8 as model_fp8
 from ling_jax.model.param_table import format_param_table
 from ling_jax.parallel.mesh import BATCH_AXES, batch_axes_size, make_mesh
 from ling_jax.train.checkpointing import Checkpointer, abstract_like
 from ling_jax.train.experiment import validate_experiment_config
+from ling_jax.train.fp8_monitor import Fp8Monitor
 from ling_jax.train.merge import initialize_weights_from
 from ling_jax.train.merged_eval import MergedEvaluation
 from ling_jax.train.metrics import make_writer, model_flops_utilization, peak_flops_per_device
@@ -151,6 +153,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state_shardings=shardings,
     )
     eval_step = jit_eval_step(make_eval_step(graphdef), mesh=mesh, state_shardings=shardings)
+    mtp_weight = config.train.mtp_loss_weight
+    fp8_monitor = Fp8Monitor(graphdef, config.model, config.train.micro_batches, mtp_weight)
+    if model_fp8.enabled(config.model):
+        logging.info("FP8 training: %s", model_fp8.plan(config.model))
 
     checkpointer = Checkpointer(workdir, config.checkpoint, config.model)
     start_step = 0
@@ -207,6 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, metrics = train_step(state, batch)
             step += 1
             window.append(metrics)
+            if fp8_monitor.due(step):
+                jax.block_until_ready(state)  # Time the probe alone, not the queued steps.
+                probe_start = time.perf_counter()
+                writer.write_scalars(step, fp8_monitor(step, state, batch))
+                window_start += time.perf_counter() - probe_start  # Not training time.
             for hook in hooks:
                 hook(step)
             last_step = step == num_steps

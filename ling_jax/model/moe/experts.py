@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ling_jax.model import fp8
 from ling_jax.model.moe.grouped_matmul import grouped_matmul
 from ling_jax.model.params import cast, normal_param
 
@@ -22,7 +23,9 @@ class RoutedExperts(nnx.Module):
 
     def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
         # rows: [assignments, embed] sorted by expert; group_sizes: [E]
-        def gmm(lhs, weight):
+        def gmm(lhs, weight, op):
+            if fp8.enabled(self.config):
+                return fp8.grouped(self, op, lhs, weight, group_sizes)
             return grouped_matmul(
                 lhs,
                 cast(weight, self.config),
@@ -33,5 +36,5 @@ class RoutedExperts(nnx.Module):
 
         # Gate and up share one grouped matmul (one dispatch layout, one pass over the rows).
         gate_up = jnp.concatenate([self.gate[...], self.up[...]], axis=-1)  # [E, embed, 2 mlp]
-        gate, up = jnp.split(gmm(rows, gate_up), 2, axis=-1)  # [assignments, mlp] each
-        return gmm(jax.nn.silu(gate) * up, self.down[...])  # [assignments, embed]
+        gate, up = jnp.split(gmm(rows, gate_up, "gate_up"), 2, axis=-1)  # [assignments, mlp] each
+        return gmm(jax.nn.silu(gate) * up, self.down[...], "down")  # [assignments, embed]
