@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
     per_chip = config.train.batch_size / report["chips"]
     print(
         f"batch {config.train.batch_size} x {config.data.seq_len} tokens per step "
-        f"({per_chip:g} sequences per chip, {config.train.micro_batches} micro-batch(es))"
+        f"({per_chip:g} sequence(s) per chip, {config.train.micro_batches} micro-batch(es))"
     )
     print("per-chip HBM:")
     for key in ("params", "optimizer", "expert_bias", "temp", "code", "total"):
