@@ -18,8 +18,9 @@ from ling_jax.configs import get_preset
 # full train step compiles for this topology and fits in HBM per chip at this global batch (one
 # 4K sequence per chip) and these config fields: expert parallelism 8 x FSDP 128 within the
 # slice, and chunked attention (same values and gradients, no [seq, seq] score matrix): 86.9
-# of 95 GiB per chip. v5p-512 (EP 8 x FSDP 64, 512 sequences) needs 102.6 GiB per chip (106.7
-# with the default attention). README, "Running on TPU".
+# of 95 GiB per chip. v5p-512 (512 sequences) does not fit: 102.6 GiB per chip at EP 8 x
+# FSDP 64 (106.7 with the default attention), 124.6 at EP 4, 110.2 at EP 16. README, "Running
+# on TPU".
 VERIFIED_TOPOLOGY = "v5p-1024"
 VERIFIED_BATCH = 1024
 VERIFIED_OVERRIDES = {
