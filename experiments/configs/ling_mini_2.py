@@ -11,9 +11,24 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.pretrain_recipe import pretrain_config
+from experiments.configs.pretrain_recipe import recipe_config
 from ling_jax.configs import get_preset
 
+# Verified with `python -m experiments.aot --config=experiments/configs/ling_mini_2.py:aot`: the
+# full train step compiles for this topology and fits in HBM per chip at this global batch (one
+# 4K sequence per chip) and these config fields (FSDP over the whole slice): 59.3 of 95 GiB per
+# chip. README, "Running on TPU".
+VERIFIED_TOPOLOGY = "v5p-8"
+VERIFIED_BATCH = 8
+VERIFIED_OVERRIDES = {"mesh.ici.data": 1, "mesh.ici.fsdp": -1, "mesh.ici.expert": 1}
 
-def get_config() -> ml_collections.ConfigDict:
-    return pretrain_config(get_preset("ling_mini_2"), peak_lr=3.36e-4, batch_sequences=4400)
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The recipe; `variant="aot"` (`--config=...ling_mini_2.py:aot`): at its verified shape."""
+    return recipe_config(
+        get_preset("ling_mini_2"),
+        variant,
+        peak_lr=3.36e-4,
+        batch_sequences=4400,
+        verified=(VERIFIED_TOPOLOGY, VERIFIED_BATCH, VERIFIED_OVERRIDES),
+    )
