@@ -52,13 +52,20 @@ def _run(sweep: Sweep, root: str, parallel: int, train: bool) -> list[dict]:
     return rows
 
 
+def _label(name: str, rows: list[dict]) -> str:
+    """`name (A=x%)` from the rows' activation ratio."""
+    ratios = {round(r["activation_ratio"], 4) for r in rows if "activation_ratio" in r}
+    return f"{name} (A={ratios.pop():.1%})" if len(ratios) == 1 else name
+
+
 def analyze(ladder_rows: list[dict], leverage_rows: list[dict], root: str) -> dict:
     """Fits, predictions, EL and plots; returns the report (also printed and saved)."""
     report: dict = {}
     fits, prediction = {}, None
+    ladder_label = _label("ladder MoE", ladder_rows)
     if len(analysis.finished(ladder_rows)) >= 4:
         prediction = analysis.predict_largest(ladder_rows)
-        fits["ladder MoE (A=12%)"] = prediction.fit
+        fits[ladder_label] = prediction.fit
         print("\nwind-tunnel prediction:\n" + prediction.describe())
         report["prediction"] = {
             "fit_runs": prediction.fit_names,
@@ -74,10 +81,11 @@ def analyze(ladder_rows: list[dict], leverage_rows: list[dict], root: str) -> di
         }
     moe = [r for r in leverage_rows if r.get("arch") == "moe"]
     dense = [r for r in leverage_rows if r.get("arch") == "dense"]
-    series = {"ladder MoE (A=12%)": ladder_rows, "MoE A=3.1%": moe, "dense": dense}
+    moe_label = _label("MoE", moe)
+    series = {ladder_label: ladder_rows, moe_label: moe, "dense": dense}
     measured = []
     if len(analysis.finished(dense)) >= 3:
-        for label, rows in (("MoE A=3.1%", moe), ("ladder MoE (A=12%)", ladder_rows)):
+        for label, rows in ((moe_label, moe), (ladder_label, ladder_rows)):
             done = analysis.finished(rows)
             overlap = [
                 r for r in done if r["compute"] <= 4 * analysis.finished(dense)[-1]["compute"]

@@ -139,7 +139,7 @@ def test_analysis_writes_plots_and_report(tmp_path):
     )
     report = wind_tunnel.analyze(ladder, leverage, str(tmp_path))
     assert abs(report["prediction"]["error"]) < 1e-6
-    assert set(report["leverage"]) == {"MoE A=3.1%", "ladder MoE (A=12%)"}
+    assert set(report["leverage"]) == {"MoE (A=3.0%)", "ladder MoE (A=12.0%)"}
     for key in ("loss_plot", "leverage_plot"):
         with open(report[key], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
