@@ -7,8 +7,8 @@
         --tpu_args="--zone=us-east5-a --accelerator=v5p-64"          # one launch.tpu command each
     python -m experiments.wind_tunnel --root=... --analyze_only      # (after copying results)
 
-SPEC 7.3: model sizes spaced by a power law (budgets x3.4 apart, 1e18 to 1.3e20 FLOPs, i.e.
-about 0.5B, 1.1B, 2B, 4B and 8B total parameters), each shaped by `ling_jax.scaling.plan` with
+SPEC 7.3: model sizes spaced by a power law (budgets x3.15 apart, 1.4e18 to 1.4e20 FLOPs, i.e.
+0.58B, 1.2B, 2.0B, 3.8B and 8.3B total parameters), each shaped by `ling_jax.scaling.plan` with
 Ling 2.0's sparsity (256 experts, top-8 + 1 shared, A = 3.5%, G = 8), trained for D_opt(C)
 tokens at eta_opt(C) and B_opt(C) (4K sequences, Ling's 157,184-token vocabulary), with the
 ladder protocol's schedule (1% warmup, exponential decay to 10% over the last 10%). Compute
@@ -27,7 +27,7 @@ from ling_jax.scaling.planner import plan
 CONFIG_FILE = "experiments/configs/wind_tunnel_pod.py"
 SEQ_LEN = 4096
 VOCAB = 157184
-BUDGETS = {f"c{i}": 1e18 * 3.4**i for i in range(5)}  # ~0.5B ... ~8B total parameters
+BUDGETS = {f"c{i}": 1.4e18 * 3.15**i for i in range(5)}  # 0.5B ... 8B total parameters
 OVERRIDES = {
     "model.dtype": "bfloat16",
     "model.param_dtype": "float32",
