@@ -27,7 +27,7 @@ def plan_tags(plan: Plan, lr_scale: float = 1.0) -> dict[str, Any]:
     cfg = plan.config
     return {
         "arch": plan.arch,
-        "compute": float(plan.flops_per_token) * plan.tokens,
+        "compute": plan.realized_compute,
         "flops_per_token": plan.flops_per_token,
         "tokens": plan.tokens,
         "params": plan.params.total,
