@@ -78,11 +78,8 @@ def _process_datasets(config, workdir: str, process_index: int, process_count: i
             batch_size=local_rows,
             process_index=process_index,
             process_count=process_count,
-            seed=config.seed,
         )
-    full = build_datasets(
-        config.data, workdir=workdir, batch_size=config.train.batch_size, seed=config.seed
-    )
+    full = build_datasets(config.data, workdir=workdir, batch_size=config.train.batch_size)
     rows = slice(process_index * local_rows, (process_index + 1) * local_rows)
 
     def keep_rows(batch: dict) -> dict:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -90,6 +91,23 @@ def test_same_seed_same_batches(embedded_workdir):
     assert_batches_equal(first(3), first(3))
     with pytest.raises(AssertionError):
         assert_batches_equal(first(3), first(4))
+
+
+def test_training_order_follows_data_shuffle_seed_not_the_run_seed(embedded_workdir):
+    """The trainer's batches depend on `data.shuffle_seed` only: `seed` (initialisation)
+    and the data order can be varied apart."""
+    from ling_jax.train.trainer import _process_datasets
+
+    def first(seed, shuffle_seed):
+        config = ml_collections.ConfigDict(
+            {"seed": seed, "data": tiny_config(), "train": {"batch_size": 2}}
+        )
+        config.data.shuffle_seed = shuffle_seed
+        return _take(_process_datasets(config, embedded_workdir, 0, 1).train, 3)
+
+    assert_batches_equal(first(0, 3), first(7, 3))
+    with pytest.raises(AssertionError):
+        assert_batches_equal(first(0, 3), first(0, 4))
 
 
 def test_resume_from_saved_state(embedded_workdir):
