@@ -33,6 +33,7 @@ LEVERAGE_CONFIG = "experiments/configs/efficiency_leverage_micro.py"
 COLUMNS = [
     "name",
     "state",
+    "seed",
     "compute",
     "params",
     "d_model",
@@ -63,7 +64,7 @@ def analyze(ladder_rows: list[dict], leverage_rows: list[dict], root: str) -> di
     report: dict = {}
     fits, prediction = {}, None
     ladder_label = _label("ladder MoE", ladder_rows)
-    if len(analysis.finished(ladder_rows)) >= 4:
+    if len({r["compute"] for r in analysis.finished(ladder_rows)}) >= 4:
         prediction = analysis.predict_largest(ladder_rows)
         fits[ladder_label] = prediction.fit
         print("\nwind-tunnel prediction:\n" + prediction.describe())
@@ -77,6 +78,7 @@ def analyze(ladder_rows: list[dict], leverage_rows: list[dict], root: str) -> di
             "predicted": prediction.predicted,
             "interval": [prediction.lower, prediction.upper],
             "measured": prediction.measured,
+            "measured_runs": prediction.measured_runs,
             "error": prediction.error,
         }
     moe = [r for r in leverage_rows if r.get("arch") == "moe"]

@@ -37,7 +37,11 @@ def finished(rows: Sequence[Row]) -> list[Row]:
 
 @dataclasses.dataclass(frozen=True)
 class LadderPrediction:
-    """The fit of the smaller runs and its prediction for a held-out larger one."""
+    """The fit of the smaller runs and its prediction for a held-out larger one.
+
+    With several seeds per rung the fit uses every run of the smaller rungs (so it follows
+    their means) and `measured` is the mean over the largest rung's runs (`measured_runs`).
+    """
 
     fit: PowerLawFit
     fit_names: list[str]
@@ -48,6 +52,7 @@ class LadderPrediction:
     upper: float
     measured: float
     confidence: float
+    measured_runs: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def error(self) -> float:
@@ -56,42 +61,53 @@ class LadderPrediction:
 
     def describe(self) -> str:
         f = self.fit
+        runs = self.measured_runs
+        spread = (
+            f" (mean of {len(runs)} seeds: {', '.join(f'{x:.4f}' for x in runs)})"
+            if len(runs) > 1
+            else ""
+        )
         return (
             f"fit on {', '.join(self.fit_names)}: L(C) = {f.a:.4g} C^-{f.b:.4f}"
             + (f" + {f.c:.4g}" if f.irreducible else "")
             + f" (b = {f.b:.4f} +- {f.stderr['b']:.4f})\n"
             f"{self.target_name} at C = {self.target_compute:.3g}: predicted "
             f"{self.predicted:.4f} [{self.lower:.4f}, {self.upper:.4f}] "
-            f"({self.confidence:.0%} prediction interval), measured {self.measured:.4f}, "
-            f"error {self.error:+.4f} nats"
+            f"({self.confidence:.0%} prediction interval), measured {self.measured:.4f}"
+            f"{spread}, error {self.error:+.4f} nats"
         )
 
 
 def predict_largest(
     rows: Sequence[Row], *, irreducible: bool = False, confidence: float = 0.95
 ) -> LadderPrediction:
-    """Fits L(C) on every finished run but the largest and predicts the largest."""
+    """Fits L(C) on every finished run below the largest compute and predicts the mean final
+    loss of the runs at the largest compute (one per seed)."""
     done = finished(rows)
-    if len(done) < 4:
+    largest = done[-1]["compute"] if done else None
+    fit_rows = [r for r in done if r["compute"] != largest]
+    targets = [r for r in done if r["compute"] == largest]
+    if len({r["compute"] for r in fit_rows}) < 3:
         raise ValueError(
-            f"predict_largest needs >= 4 finished runs (3 to fit, 1 to predict), got "
-            f"{[r['name'] for r in done]}"
+            f"predict_largest needs finished runs at >= 4 computes (3 to fit, 1 to predict), "
+            f"got {[r['name'] for r in done]}"
         )
-    fit_rows, target = done[:-1], done[-1]
     fit = fit_power_law(
         [r["compute"] for r in fit_rows], [r["eval_loss"] for r in fit_rows], irreducible
     )
-    band = fit.predict(target["compute"], confidence, observation_noise=True)
+    band = fit.predict(largest, confidence, observation_noise=True, num_observations=len(targets))
+    losses = [float(r["eval_loss"]) for r in targets]
     return LadderPrediction(
         fit=fit,
         fit_names=[r["name"] for r in fit_rows],
-        target_name=target["name"],
-        target_compute=float(target["compute"]),
+        target_name=targets[0].get("rung", targets[0]["name"]),
+        target_compute=float(largest),
         predicted=float(band.mean),
         lower=float(band.lower),
         upper=float(band.upper),
-        measured=float(target["eval_loss"]),
+        measured=float(np.mean(losses)),
         confidence=confidence,
+        measured_runs=losses,
     )
 
 

@@ -87,14 +87,23 @@ class Ladder:
       lr_scale: peak LR = lr_scale x eta_opt(C) at every rung.
       warmup_fraction: warmup steps as a fraction of each run.
       overrides: dotted experiment-config fields set on every rung (data, eval, logging...).
+      seeds: every rung is trained once per seed (initialisation and data order both follow
+        it); seed 0 is the config's own run `<rung>`, seed s > 0 the point `<rung>_seed<s>`.
+        The fit then averages over seeds at each compute.
     """
 
     plans: Mapping[str, Plan]
     lr_scale: float = 1.0
     warmup_fraction: float = 0.01
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"ladder seeds {self.seeds!r}: expected distinct ints, at least one")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds):
+            raise ValueError(f"ladder seeds {self.seeds!r}: expected ints >= 0")
         computes = [p.realized_compute for p in self.plans.values()]
         if not computes or computes != sorted(computes):
             raise ValueError(
@@ -121,15 +130,18 @@ class Ladder:
         )
 
     def sweep(self, name: str, config_file: str, prefix: str = "") -> Sweep:
-        """Points `<prefix><rung>` running `--config=<config_file>:<rung>`, tagged by plan."""
+        """Points `<prefix><rung>[_seed<s>]` running `--config=<config_file>:<rung>` (with
+        `seed` and `data.shuffle_seed` set to s > 0), tagged by plan and seed."""
         return Sweep(
             name,
             tuple(
                 Point(
-                    name=f"{prefix}{rung}",
+                    name=f"{prefix}{rung}" + (f"_seed{seed}" if seed else ""),
                     config=f"{config_file}:{rung}",
-                    tags={"rung": rung, **plan_tags(plan, self.lr_scale)},
+                    overrides={"seed": seed, "data.shuffle_seed": seed} if seed else {},
+                    tags={"rung": rung, "seed": seed, **plan_tags(plan, self.lr_scale)},
                 )
                 for rung, plan in self.plans.items()
+                for seed in self.seeds
             ),
         )

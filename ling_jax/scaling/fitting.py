@@ -166,19 +166,26 @@ class PowerLawFit:
         )
 
     def predict(
-        self, compute: ArrayLike, confidence: float = 0.95, observation_noise: bool = False
+        self,
+        compute: ArrayLike,
+        confidence: float = 0.95,
+        observation_noise: bool = False,
+        num_observations: int = 1,
     ) -> Prediction:
         """The fitted loss with a delta-method band at `confidence`.
 
         The band covers the fitted law (parameter uncertainty); `observation_noise=True` widens
-        it to a prediction interval for one new measurement (adds s^2 in log space).
+        it to a prediction interval for the mean of `num_observations` new measurements (adds
+        s^2 / num_observations in log space).
         """
+        if not (isinstance(num_observations, int) and num_observations >= 1):
+            raise ValueError(f"num_observations = {num_observations!r}: expected an int >= 1")
         dx = np.log(_positive("compute", compute)) - self.log_center
         log_mean = _log_loss(self.params, np.atleast_1d(dx))
         jac = _jacobian(self.params, np.atleast_1d(dx))
         var = np.einsum("np,pq,nq->n", jac, self.covariance, jac)
         if observation_noise:
-            var = var + self.residual_std**2
+            var = var + self.residual_std**2 / num_observations
         half = t_quantile(confidence, self.dof) * np.sqrt(np.maximum(var, 0.0))
         shape = np.shape(dx)
         return Prediction(

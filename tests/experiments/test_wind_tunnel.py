@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -84,8 +85,41 @@ def test_prediction_of_the_largest_run_from_an_exact_power_law():
     assert abs(prediction.error) < 0.02
     assert prediction.lower < prediction.predicted < prediction.upper
     assert "measured" in prediction.describe()
-    with pytest.raises(ValueError, match="needs >= 4 finished runs"):
+    with pytest.raises(ValueError, match="needs finished runs at >= 4 computes"):
         analysis.predict_largest(rows[:3])
+
+
+def test_seeded_ladder_fits_the_seed_means_and_predicts_the_target_mean():
+    compute = np.geomspace(1e12, 1e14, 5)
+    law = 30.0 * compute**-0.07
+    # Two seeds per rung, +-3% apart: their means lie exactly on the law.
+    rows = _rows("a", compute, law * 1.03, rung="r") + _rows("b", compute, law * 0.97, rung="r")
+    prediction = analysis.predict_largest(rows)
+    assert sorted(prediction.fit_names) == ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"]
+    assert prediction.measured_runs == pytest.approx([law[-1] * 1.03, law[-1] * 0.97])
+    assert prediction.measured == pytest.approx(law[-1])
+    assert prediction.fit.b == pytest.approx(0.07, abs=1e-3)
+    assert abs(prediction.error) < 1e-3 * law[-1]
+    assert "mean of 2 seeds" in prediction.describe()
+    # A mean of two measurements gets a narrower prediction interval than one would.
+    one = prediction.fit.predict(compute[-1], observation_noise=True)
+    assert prediction.upper - prediction.lower < float(one.upper - one.lower)
+    with pytest.raises(ValueError, match="needs finished runs at >= 4 computes"):
+        analysis.predict_largest([r for r in rows if r["compute"] <= compute[2]])
+
+
+def test_ladder_seeds_become_points_with_their_own_init_and_data_order():
+    ladder = micro.ladder()
+    seeded = dataclasses.replace(ladder, seeds=(0, 1))
+    sweep = seeded.sweep("t", MICRO)
+    assert [p.name for p in sweep.points][:4] == ["xs", "xs_seed1", "s", "s_seed1"]
+    first, second = sweep.points[:2]
+    assert first.overrides == {} and first.tags["seed"] == 0
+    assert second.overrides == {"seed": 1, "data.shuffle_seed": 1}
+    assert second.tags["seed"] == 1 and second.tags["compute"] == first.tags["compute"]
+    for bad in ((), (0, 0), (-1,), (1.5,)):
+        with pytest.raises(ValueError, match="ladder seeds"):
+            dataclasses.replace(ladder, seeds=bad)
 
 
 def test_measured_leverage_matches_a_known_compute_ratio():
