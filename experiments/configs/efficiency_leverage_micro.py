@@ -19,7 +19,7 @@ import ml_collections
 from experiments.configs import wind_tunnel_micro as micro
 from experiments.sweeps.spec import Sweep
 from experiments.sweeps.wind_tunnel import Ladder
-from ling_jax.scaling.planner import cpu_overrides, plan_shape
+from ling_jax.scaling.planner import plan_shape
 
 CONFIG_FILE = "experiments/configs/efficiency_leverage_micro.py"
 SHAPES = {"1": (48, 2), "2": (64, 2), "3": (64, 3)}
@@ -40,7 +40,7 @@ def ladder(family: str) -> Ladder:
             seq_len=micro.SEQ_LEN,
             vocab_size=micro.VOCAB,
             token_scale=micro.TOKEN_SCALE,
-            config_overrides=cpu_overrides(micro.SEQ_LEN),
+            config_overrides=micro.model_overrides(d_model),
             **FAMILIES[family],
         )
         for rung, (d_model, layers) in SHAPES.items()

@@ -448,6 +448,22 @@ def plan_shape(
     return _plan_for(cfg, arch, flops * tokens, flops, seq_len, tokens)
 
 
+def width_scaled_init_std(
+    d_model: int, reference_std: float = 0.006, reference_width: int = 2048
+) -> float:
+    """`reference_std` x sqrt(reference_width / d_model): Ling's 0.006 at d = 2048, held at the
+    same size relative to 1/sqrt(d) at other widths.
+
+    A fixed 0.006 is far too small for the CPU ladder's d = 48-96 models (each layer shrinks
+    its input ~20x): training then starts with a long escape from near zero whose length
+    depends on the seed, and two seeds of one model ended 0.1-0.25 nats apart; with this
+    rule (0.034 at d = 64) they ended 0.004 apart.
+    """
+    if not (isinstance(d_model, int) and d_model >= 1):
+        raise ValueError(f"d_model = {d_model!r}: expected an int >= 1")
+    return reference_std * math.sqrt(reference_width / d_model)
+
+
 def cpu_overrides(seq_len: int) -> dict[str, Any]:
     """Model fields of the CPU wind tunnel: float32 compute, rope theta 1e4, positions = seq_len."""
     return {

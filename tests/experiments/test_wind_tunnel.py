@@ -38,6 +38,9 @@ def test_micro_ladder_follows_the_laws_between_rungs():
         assert cfg.optim.peak_lr == pytest.approx(point.tags["learning_rate"])
         lr = micro.LR_SCALE * laws.optimal_lr(point.tags["compute"])
         assert cfg.optim.peak_lr == pytest.approx(lr, rel=0.02)
+        # Ling's 0.006 at d = 2048, scaled as 1 / sqrt(d): ~0.034 at d = 64.
+        d_model = cfg.model.hidden_size
+        assert cfg.model.init_std == pytest.approx(0.006 * math.sqrt(2048 / d_model))
 
 
 def test_leverage_families_share_shapes_and_overlap_in_compute():

@@ -160,3 +160,11 @@ def test_plan_shape_keeps_the_given_shape_and_takes_the_laws_tokens():
         planner.plan_shape(100, 2, **kwargs)
     with pytest.raises(ValueError, match="token_scale"):
         planner.plan_shape(128, 2, token_scale=0.0, **kwargs)
+
+
+def test_width_scaled_init_std_is_lings_at_2048_and_scales_as_inverse_sqrt_width():
+    assert planner.width_scaled_init_std(2048) == pytest.approx(0.006)
+    assert planner.width_scaled_init_std(512) == pytest.approx(0.012)
+    assert planner.width_scaled_init_std(64, reference_std=0.01, reference_width=256) == 0.02
+    with pytest.raises(ValueError, match="d_model"):
+        planner.width_scaled_init_std(0)
