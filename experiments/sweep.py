@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep = sweep.select([n for n in args.only.split(",") if n])
         if args.set:
             sweep = sweep.with_overrides(dict(parse_assignment(a) for a in args.set))
-        for point in sweep.points:
-            point.experiment_config()  # Every point's config is valid before anything runs.
+        sweep.num_steps()  # Every point's config is valid before anything runs.
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ class PointStatus:
 def point_status(point: Point, root: str, num_steps: int | None = None) -> PointStatus:
     """Reads `<root>/<point>/metrics.jsonl`; `num_steps` defaults to the point's config."""
     if num_steps is None:
-        num_steps = int(point.experiment_config().train.num_steps)
+        num_steps = point.num_steps
     path = os.path.join(root, point.name, METRICS_FILE)
     if not os.path.exists(path):
         return PointStatus(point.name, "pending", num_steps, None)
@@ -140,7 +140,7 @@ def run_sweep(
     if parallel < 1:
         raise ValueError(f"parallel = {parallel!r}: expected >= 1")
     root = os.path.abspath(root)
-    steps = {p.name: int(p.experiment_config().train.num_steps) for p in sweep.points}
+    steps = sweep.num_steps()  # Loads and validates every config.
     check_manifest(sweep, root)
     todo = [p for p in sweep.points if point_status(p, root, steps[p.name]).state != "done"]
     run_env = {**os.environ, **(env or {})}

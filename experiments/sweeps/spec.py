@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import os
@@ -110,6 +111,11 @@ class Point:
         except ValueError as e:
             raise ValueError(f"sweep point {self.name!r}: {e}") from e
 
+    @functools.cached_property
+    def num_steps(self) -> int:
+        """Training steps of the point's config, loaded and validated once per `Point`."""
+        return int(self.experiment_config().train.num_steps)
+
     def definition(self) -> dict[str, Any]:
         """What identifies the run (for the resumability check): config and overrides."""
         return {
@@ -133,6 +139,10 @@ class Sweep:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"sweep {self.name!r}: duplicate point names {duplicates}")
+
+    def num_steps(self) -> dict[str, int]:
+        """Each point's training steps; loads and validates every config (once per `Point`)."""
+        return {p.name: p.num_steps for p in self.points}
 
     @classmethod
     def grid(

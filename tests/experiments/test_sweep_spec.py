@@ -89,3 +89,16 @@ def test_assignments_parse_literals_and_apply_to_every_point():
         {"seed": 1, "train.num_steps": 3},
     ]
     assert sweep.points[0].experiment_config().train.num_steps == 3
+
+
+def test_each_point_loads_its_config_once_for_validation_status_and_results(tmp_path, monkeypatch):
+    from experiments.sweeps import results, spec
+
+    loads = []
+    real = spec.load_config_file
+    monkeypatch.setattr(spec, "load_config_file", lambda s: loads.append(s) or real(s))
+    sweep = Sweep.grid("once", SMOKE, {"seed": [0, 1]}, base_overrides={"train.num_steps": 3})
+    assert sweep.num_steps() == {"seed=0": 3, "seed=1": 3}
+    rows = results.collect(sweep, str(tmp_path))  # status of every point: pending
+    assert [r["state"] for r in rows] == ["pending", "pending"]
+    assert loads == [SMOKE, SMOKE]
