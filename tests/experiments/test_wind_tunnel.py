@@ -92,6 +92,15 @@ def test_prediction_of_the_largest_run_from_an_exact_power_law():
         analysis.predict_largest(rows[:3])
 
 
+def test_irreducible_fit_predicts_a_bending_ladder_that_a_power_law_misses():
+    compute = np.geomspace(6e11, 1e13, 5)
+    loss = 6e7 * compute**-0.69 + 3.2  # 3.65 to 3.25: the log-log slope falls rung by rung
+    saturating = analysis.predict_largest(_rows("r", compute, loss), irreducible=True)
+    power_law = analysis.predict_largest(_rows("r", compute, loss))
+    assert saturating.fit.c == pytest.approx(3.2, rel=1e-3)
+    assert abs(saturating.error) < 1e-4 < 0.01 < abs(power_law.error)
+
+
 def test_seeded_ladder_fits_the_seed_means_and_predicts_the_target_mean():
     compute = np.geomspace(1e12, 1e14, 5)
     law = 30.0 * compute**-0.07
@@ -176,6 +185,8 @@ def test_analysis_writes_plots_and_report(tmp_path):
     )
     report = wind_tunnel.analyze(ladder, leverage, str(tmp_path))
     assert abs(report["prediction"]["error"]) < 1e-6
+    assert abs(report["prediction_power_law"]["error"]) < 1e-6
+    assert report["prediction"]["c"] < 0.01 and report["prediction_power_law"]["c"] == 0
     assert set(report["leverage"]) == {"MoE (A=3.0%)", "ladder MoE (A=12.0%)"}
     for key in ("loss_plot", "leverage_plot"):
         with open(report[key], "rb") as f:
