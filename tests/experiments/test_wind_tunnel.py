@@ -41,6 +41,7 @@ def test_micro_ladder_follows_the_laws_between_rungs():
         # Ling's 0.006 at d = 2048, scaled as 1 / sqrt(d): ~0.034 at d = 64.
         d_model = cfg.model.hidden_size
         assert cfg.model.init_std == pytest.approx(0.006 * math.sqrt(2048 / d_model))
+        assert cfg.model.num_kv_heads == cfg.model.num_attention_heads
 
 
 def test_leverage_families_share_shapes_and_overlap_in_compute():
