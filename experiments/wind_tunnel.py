@@ -103,7 +103,7 @@ def analyze(ladder_rows: list[dict], leverage_rows: list[dict], root: str) -> di
                 continue
             m = analysis.measure_leverage(overlap, dense)
             measured.append(m)
-            fits[label] = m.leverage.moe
+            fits.setdefault(label, m.leverage.moe)  # The ladder keeps its prediction's fit.
             fits["dense"] = m.leverage.dense
             print(f"\nefficiency leverage, {label}:\n{m.describe()}")
             report.setdefault("leverage", {})[label] = {

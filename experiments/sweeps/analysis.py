@@ -238,7 +238,8 @@ def plot_loss_vs_compute(
                 band.mean,
                 color=color,
                 lw=1.2,
-                label=f"{label} fit: {fit.a:.3g} C^-{fit.b:.3f}",
+                label=f"{label} fit: {fit.a:.3g} C^-{fit.b:.3f}"
+                + (f" + {fit.c:.3g}" if fit.irreducible else ""),
             )
             ax.fill_between(
                 span,

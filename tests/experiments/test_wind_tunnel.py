@@ -162,7 +162,7 @@ def test_measured_leverage_matches_a_known_compute_ratio():
     assert "law" in measured.describe()
 
 
-def test_analysis_writes_plots_and_report(tmp_path):
+def test_analysis_writes_plots_and_report(tmp_path, monkeypatch):
     compute = np.geomspace(1e12, 1e14, 5)
     ladder = _rows(
         "l", compute, 30.0 * compute**-0.07, arch="moe", activation_ratio=0.12, granularity=4.0
@@ -184,7 +184,15 @@ def test_analysis_writes_plots_and_report(tmp_path):
         activation_ratio=1.0,
         granularity=math.nan,
     )
+    drawn = {}
+    plot = analysis.plot_loss_vs_compute
+    monkeypatch.setattr(
+        analysis, "plot_loss_vs_compute", lambda *a, **k: drawn.update(k) or plot(*a, **k)
+    )
     report = wind_tunnel.analyze(ladder, leverage, str(tmp_path))
+    # The ladder's curve is the fit that made the prediction (four rungs, irreducible term).
+    assert drawn["fits"]["ladder MoE (A=12.0%)"] is drawn["prediction"].fit
+    assert drawn["prediction"].fit.irreducible
     assert abs(report["prediction"]["error"]) < 1e-6
     assert abs(report["prediction_power_law"]["error"]) < 1e-6
     assert report["prediction"]["c"] < 0.01 and report["prediction_power_law"]["c"] == 0
