@@ -49,7 +49,7 @@ OVERRIDES = {
 def model_overrides(d_model: int) -> dict:
     """The CPU model fields (float32, short RoPE), an init scaled to the rung's width, and
     one KV head per query head: the planner's GQA rule gives 5 heads (d = 80) a single KV
-    head, which cost that rung ~0.05 nats against the ladder's trend."""
+    head, which cost that rung 0.10 nats (3.345 against 3.242 with five)."""
     return {
         **cpu_overrides(SEQ_LEN),
         "init_std": width_scaled_init_std(d_model),
