@@ -65,7 +65,7 @@ def analyze(ladder_rows: list[dict], leverage_rows: list[dict], root: str) -> di
     report: dict = {}
     fits, prediction = {}, None
     ladder_label = _label("ladder MoE", ladder_rows)
-    if len({r["compute"] for r in analysis.finished(ladder_rows)}) >= 4:
+    if len(analysis.finished_computes(ladder_rows)) >= 4:
         # Headline: L = a C^-b + c (SPEC 7.2's form; c = 0 is the pure power law, so it nests
         # it). The pure power law is reported next to it.
         for key, irreducible in (("prediction", True), ("prediction_power_law", False)):

@@ -35,6 +35,11 @@ def finished(rows: Sequence[Row]) -> list[Row]:
     return sorted(done, key=lambda r: r["compute"])
 
 
+def finished_computes(rows: Sequence[Row]) -> list[float]:
+    """The distinct computes of the finished rows (seeds of one rung share one), ascending."""
+    return sorted({r["compute"] for r in finished(rows)})
+
+
 @dataclasses.dataclass(frozen=True)
 class LadderPrediction:
     """The fit of the smaller runs and its prediction for a held-out larger one.
@@ -84,14 +89,14 @@ def predict_largest(
     """Fits L(C) on every finished run below the largest compute and predicts the mean final
     loss of the runs at the largest compute (one per seed)."""
     done = finished(rows)
-    largest = done[-1]["compute"] if done else None
-    fit_rows = [r for r in done if r["compute"] != largest]
-    targets = [r for r in done if r["compute"] == largest]
-    if len({r["compute"] for r in fit_rows}) < 3:
+    if len(finished_computes(done)) < 4:
         raise ValueError(
             f"predict_largest needs finished runs at >= 4 computes (3 to fit, 1 to predict), "
             f"got {[r['name'] for r in done]}"
         )
+    largest = done[-1]["compute"]
+    fit_rows = [r for r in done if r["compute"] != largest]
+    targets = [r for r in done if r["compute"] == largest]
     fit = fit_power_law(
         [r["compute"] for r in fit_rows], [r["eval_loss"] for r in fit_rows], irreducible
     )
