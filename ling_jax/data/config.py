@@ -71,6 +71,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Fraction of documents held out for validation when `validation_files` is empty. The
     # held-out documents of the components are mixed by rows in the training proportions.
     cfg.validation_fraction = 0.05
+    # What that fraction counts: "document" holds out single documents; "group" holds out
+    # whole groups (a file of `train_files` / `mixture`, a top-level stdlib package), so that
+    # near-duplicate documents (one package's modules, one shard's records) never straddle
+    # the split. Generated arithmetic documents are groups of their own.
+    cfg.validation_split_by = "document"
     # Validation batches per evaluation; 0 = the whole (finite) validation split.
     cfg.validation_max_batches = 0
     # Shuffle of training documents (global, reshuffled every epoch); the seed passed to
@@ -163,6 +168,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
         _fail("seq_len", cfg.seq_len, ">= 2")
     if not 0 <= cfg.validation_fraction < 1:
         _fail("validation_fraction", cfg.validation_fraction, "in [0, 1)")
+    if cfg.validation_split_by not in ("document", "group"):
+        _fail("validation_split_by", cfg.validation_split_by, "'document' or 'group'")
     if cfg.validation_max_batches < 0:
         _fail("validation_max_batches", cfg.validation_max_batches, ">= 0 (0 = all)")
     if not 0 <= cfg.shuffle_seed < 2**32:

@@ -9,7 +9,9 @@ Two document sources:
               generator seeded with (seed, i), so any document can be read in any order.
 
 Both are `DocumentSource`s whose documents are keyed by relative path (stdlib) or index
-(arithmetic), so the train/validation split is the same on every run.
+(arithmetic), so the train/validation split is the same on every run. Stdlib files are grouped
+by top-level package (`data.validation_split_by = "group"` holds out whole packages); each
+arithmetic document is a group of its own.
 """
 
 from __future__ import annotations
@@ -46,11 +48,22 @@ def stdlib_files(root: pathlib.Path | None = None) -> list[str]:
     return sorted(files)
 
 
+def top_level_package(relative_path: str) -> str:
+    """The top-level package of a stdlib file ("email/mime/text.py" -> "email"); a top-level
+    module is its own group ("os.py")."""
+    return pathlib.PurePath(relative_path).parts[0]
+
+
 def stdlib_source(root: pathlib.Path | None = None) -> DocumentSource:
-    """One document per standard-library source file, keyed by its relative path."""
+    """One document per standard-library source file, keyed by its relative path and grouped
+    by top-level package (a group split keeps e.g. all `encodings` codecs on one side)."""
     root = stdlib_root() if root is None else root
     files = stdlib_files(root)
-    return DocumentSource([TextFileReader(str(root / f)) for f in files], names=files)
+    return DocumentSource(
+        [TextFileReader(str(root / f)) for f in files],
+        names=files,
+        groups=[top_level_package(f) for f in files],
+    )
 
 
 def arithmetic_problem(rng: np.random.Generator) -> str:

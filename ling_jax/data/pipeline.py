@@ -75,20 +75,26 @@ class ValidationSource:
 
 
 def split_documents(
-    source: DocumentSource, fraction: float
+    source: DocumentSource, fraction: float, by: str = "document"
 ) -> tuple[DocumentSource, DocumentSource | None]:
-    """Splits by document key: the same documents are held out on every run and host.
+    """Splits by document key, or by group key with by="group" (whole groups go to one side):
+    the same documents are held out on every run and host.
 
     At least one document is held out when `fraction` > 0 and at least one is kept.
     """
     if fraction <= 0 or len(source) < 2:
         return source, None
-    keys = source.keys()
+    keys = source.group_keys() if by == "group" else source.keys()
     held_out = validation_mask(keys, fraction)
     if not held_out.any():
-        held_out[np.argmin(keys)] = True
+        held_out = keys == keys.min()
     if held_out.all():
-        held_out[np.argmax(keys)] = False
+        held_out &= keys != keys.max()
+    if not held_out.any():
+        raise ValueError(
+            f"data.validation_split_by={by!r}: {source!r} is a single group, so nothing can be "
+            "held out; split by 'document' or set data.validation_files"
+        )
     return source.subset(np.flatnonzero(~held_out)), source.subset(np.flatnonzero(held_out))
 
 
@@ -141,7 +147,7 @@ def build_sources(
         return [Component(n, w, s) for n, w, s in named], validation
     components, validation = [], []
     for name, weight, source in named:
-        train, held_out = split_documents(source, cfg.validation_fraction)
+        train, held_out = split_documents(source, cfg.validation_fraction, cfg.validation_split_by)
         components.append(Component(name, weight, train))
         if held_out is not None:
             validation.append(ValidationSource(name, weight, held_out))

@@ -7,7 +7,9 @@ source can travel to grain worker processes.
 
 Every document has a stable 64-bit key, a hash of (file name, record index), used to split
 documents between training and validation the same way on every run and every host
-(`validation_mask`).
+(`validation_mask`). Files may also belong to named groups (a package of source files, one
+file of records) whose documents share a key (`group_keys`), so that a split can hold out
+whole groups: near-duplicate documents of one group then never straddle the split.
 """
 
 from __future__ import annotations
@@ -326,12 +328,20 @@ class DocumentSource:
         readers: Sequence[FileReader],
         indices: np.ndarray | None = None,
         names: Sequence[str] | None = None,
+        groups: Sequence[str | None] | None = None,
     ):
         self.readers = list(readers)
         # Names that key the split; file names by default so that moving a dataset keeps it.
         self.names = (
             list(names) if names is not None else [os.path.basename(r.path) for r in readers]
         )
+        # The group of each file (None: each of its documents is a group of its own).
+        self.groups = list(groups) if groups is not None else [None] * len(self.readers)
+        if len(self.names) != len(self.readers) or len(self.groups) != len(self.readers):
+            raise ValueError(
+                f"{len(self.readers)} readers but {len(self.names)} names and "
+                f"{len(self.groups)} groups"
+            )
         counts = np.array([r.num_records for r in self.readers], dtype=np.int64)
         self._ends = np.cumsum(counts)
         self._total = int(self._ends[-1]) if len(counts) else 0
@@ -358,18 +368,33 @@ class DocumentSource:
         )
         return keys if self._indices is None else keys[self._indices]
 
+    def group_keys(self) -> np.ndarray:
+        """[len(self)] uint64: one key per group, shared by all its documents (a hash of the
+        group's name); a document of a file without a group keeps its own key."""
+        keys = np.concatenate(
+            [np.zeros((0,), np.uint64)]
+            + [
+                document_keys(n, r.num_records)
+                if g is None
+                else np.repeat(_mix64(np.array([name_hash(g)], np.uint64)), r.num_records)
+                for n, g, r in zip(self.names, self.groups, self.readers, strict=True)
+            ]
+        )
+        return keys if self._indices is None else keys[self._indices]
+
     def subset(self, indices: np.ndarray) -> DocumentSource:
         """The documents at `indices` (positions in this source), sharing its readers."""
         indices = np.asarray(indices, dtype=np.int64)
         base = indices if self._indices is None else self._indices[indices]
-        return DocumentSource(self.readers, base, self.names)
+        return DocumentSource(self.readers, base, self.names, self.groups)
 
     def __repr__(self) -> str:
         return f"DocumentSource({len(self.readers)} files, {len(self)} documents)"
 
 
 def open_documents(spec: str, *, field: str, file_format: str, text_key: str) -> DocumentSource:
-    """All documents of the files matched by `spec` (comma-separated globs)."""
-    return DocumentSource(
-        [open_reader(p, file_format, text_key) for p in expand_globs(spec, field)]
-    )
+    """All documents of the files matched by `spec` (comma-separated globs); each file is a
+    group (`group_keys`)."""
+    readers = [open_reader(p, file_format, text_key) for p in expand_globs(spec, field)]
+    names = [os.path.basename(r.path) for r in readers]
+    return DocumentSource(readers, names=names, groups=names)

@@ -28,6 +28,7 @@ def test_default_config_validates():
         ("num_epochs", -1),
         ("read_threads", 0),
         ("validation_max_batches", -2),
+        ("validation_split_by", "file"),
     ],
 )
 def test_bad_field_is_named(field, value):

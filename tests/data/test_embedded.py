@@ -47,8 +47,25 @@ def test_arithmetic_is_deterministic_and_correct():
         assert final == eval(question), line  # Operands are small non-negative integers.
 
 
+def test_stdlib_group_split_holds_out_whole_packages():
+    source = embedded.stdlib_source()
+    train, held_out = split_documents(source, 0.05, by="group")
+    packages = lambda part: {embedded.top_level_package(part.names[i]) for i in part._indices}
+    train_packages, held_out_packages = packages(train), packages(held_out)
+    assert not train_packages & held_out_packages
+    assert len(train) + len(held_out) == len(source)
+    assert 3 < len(held_out_packages) < 30
+    assert embedded.top_level_package("encodings/cp1250.py") == "encodings"
+    assert embedded.top_level_package("os.py") == "os.py"
+    again = split_documents(embedded.stdlib_source(), 0.05, by="group")[1]
+    np.testing.assert_array_equal(held_out.keys(), again.keys())
+
+
 def test_arithmetic_split_is_stable():
     train, held_out = split_documents(embedded.arithmetic_source(1000), 0.1)
     assert 50 < len(held_out) < 150
     again = split_documents(embedded.arithmetic_source(1000), 0.1)[1]
     np.testing.assert_array_equal(held_out.keys(), again.keys())
+    # Each generated document is its own group: the group split is the document split.
+    by_group = split_documents(embedded.arithmetic_source(1000), 0.1, by="group")[1]
+    np.testing.assert_array_equal(held_out.keys(), by_group.keys())

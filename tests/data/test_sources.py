@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from ling_jax.data.pipeline import split_documents
 from ling_jax.data.sources import (
     DocumentSource,
     document_keys,
@@ -128,3 +129,27 @@ def test_document_keys_are_stable_and_split_evenly():
     assert 0.09 < held_out.mean() < 0.11
     # Keys of a prefix do not depend on how many records the file has.
     np.testing.assert_array_equal(keys[:10], document_keys("shard-00000.jsonl", 10))
+
+
+def test_group_split_keeps_each_file_on_one_side(tmp_path):
+    for shard in range(12):
+        _write_jsonl(tmp_path / f"shard-{shard:02d}.jsonl", [f"doc {shard}.{i}" for i in range(5)])
+    source = open_documents(
+        str(tmp_path / "*.jsonl"), field="f", file_format="auto", text_key="text"
+    )
+    train, held_out = split_documents(source, 0.3, by="group")
+    shards = lambda part: {part[i].split(".")[0] for i in range(len(part))}
+    assert not shards(train) & shards(held_out)
+    assert len(held_out) % 5 == 0 and 0 < len(held_out) < len(source)
+    # Split by document, the shards straddle.
+    by_doc_train, by_doc_held_out = split_documents(source, 0.3)
+    assert shards(by_doc_train) & shards(by_doc_held_out)
+
+
+def test_group_split_of_a_single_group_is_refused(tmp_path):
+    _write_jsonl(tmp_path / "only.jsonl", DOCS)
+    source = open_documents(
+        str(tmp_path / "only.jsonl"), field="f", file_format="auto", text_key="text"
+    )
+    with pytest.raises(ValueError, match="single group.*validation_files"):
+        split_documents(source, 0.3, by="group")
