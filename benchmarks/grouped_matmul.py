@@ -6,9 +6,16 @@ fixed-seed) group sizes. The baseline is the dense batched matmul
 routing overhead. Each function is the jitted value-and-grad of sum(out * cotangent) w.r.t. both
 operands, timed in the same run (median after warm-up).
 
-    python -m benchmarks.grouped_matmul [--skip_ragged_dot]
+    python -m benchmarks.grouped_matmul [--skip_ragged_dot] [--gpu_tiling TM,TK,TN[,WARPS,STAGES]]
 
 Prints one line per shape with `xla_over_dense=<ratio>` and `ragged_dot_over_dense=<ratio>`.
+
+On a GPU it then times, at larger bf16 shapes (`GPU_SHAPES`), the Pallas Triton kernels
+(`pallas_kernels.gmm` with target="gpu": forward gmm; backward gmm on the transposed weights and
+tgmm) against `jax.lax.ragged_dot` and the dense batched matmul, forward and forward + backward,
+printing ms, TFLOP/s of useful work (2 m k n per product) and the ratio to dense, plus the
+largest error of the kernel's output against ragged_dot's. Elsewhere that part is skipped with
+the reason printed.
 """
 
 from __future__ import annotations
@@ -22,11 +29,20 @@ import numpy as np
 
 from benchmarks.common import median_seconds
 from ling_jax.model.moe.grouped_matmul import default_tile_rows, grouped_matmul
+from pallas_kernels.gmm import GpuTiling, gmm
 
 # (tokens, top_k, num_groups, k = d_model, n = d_expert): CPU-sized, ragged_dot still affordable.
 SHAPES = (
     (2048, 8, 64, 256, 64),
     (2048, 4, 128, 256, 64),
+)
+
+
+# GPU, bf16: (tokens, top_k, num_groups, k, n), Ling-mini/flash-like expert matmuls.
+GPU_SHAPES = (
+    (8192, 8, 64, 2048, 512),  # gate/up: [m, d] x [d, d_e]
+    (8192, 8, 64, 512, 2048),  # down: [m, d_e] x [d_e, d]
+    (4096, 8, 32, 4096, 1024),
 )
 
 
@@ -40,15 +56,19 @@ def fwd_bwd(fn):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
+def skewed_group_sizes(rng, m: int, num_groups: int) -> jax.Array:
+    load = rng.dirichlet(np.full(num_groups, 2.0))  # Skewed expert load, some groups tiny.
+    sizes = np.bincount(rng.choice(num_groups, m, p=load), minlength=num_groups)
+    return jnp.asarray(sizes, jnp.int32)
+
+
 def bench_shape(tokens, top_k, num_groups, k, n, *, ragged_dot: bool) -> dict[str, float]:
     m = tokens * top_k
     rng = np.random.default_rng(0)
     lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
     rhs = jnp.asarray(rng.normal(size=(num_groups, k, n)) / np.sqrt(k), jnp.float32)
     cotangent = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
-    load = rng.dirichlet(np.full(num_groups, 2.0))  # Skewed expert load, some groups tiny.
-    sizes = np.bincount(rng.choice(num_groups, m, p=load), minlength=num_groups)
-    group_sizes = jnp.asarray(sizes, jnp.int32)
+    group_sizes = skewed_group_sizes(rng, m, num_groups)
 
     dense = fwd_bwd(lambda a, b: jnp.einsum("gtk,gkn->gtn", a, b))
     dense_args = (lhs.reshape(num_groups, -1, k), rhs, cotangent.reshape(num_groups, -1, n))
@@ -63,10 +83,81 @@ def bench_shape(tokens, top_k, num_groups, k, n, *, ragged_dot: bool) -> dict[st
     return times
 
 
+def bench_gpu_shape(tokens, top_k, num_groups, k, n, tiling: GpuTiling | None) -> dict:
+    """{name: (forward seconds, fwd+bwd seconds)} for pallas_gpu, ragged_dot, dense; + error."""
+    m = tokens * top_k
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.normal(size=(num_groups, k, n)) / np.sqrt(k), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
+    group_sizes = skewed_group_sizes(rng, m, num_groups)
+
+    impls = {
+        "pallas_gpu": (
+            lambda a, b, s: gmm(a, b, s, tiling=tiling, target="gpu"),
+            (lhs, rhs, group_sizes),
+        ),
+        "ragged_dot": (jax.lax.ragged_dot, (lhs, rhs, group_sizes)),
+        "dense": (
+            lambda a, b: jnp.einsum("gtk,gkn->gtn", a, b),
+            (lhs.reshape(num_groups, -1, k), rhs),
+        ),
+    }
+    times, outputs = {}, {}
+    for name, (fn, args) in impls.items():
+        forward = jax.jit(fn)
+        cot = cotangent if name != "dense" else cotangent.reshape(num_groups, -1, n)
+        step = fwd_bwd(fn)
+        outputs[name] = forward(*args)
+        times[name] = (
+            median_seconds(functools.partial(forward, *args)),
+            median_seconds(functools.partial(step, *args, cot)),
+        )
+    error = jnp.max(jnp.abs(outputs["pallas_gpu"] - outputs["ragged_dot"]).astype(jnp.float32))
+    return {"times": times, "max_abs_err_vs_ragged_dot": float(error)}
+
+
+def report_gpu(tiling: GpuTiling | None) -> None:
+    if jax.default_backend() != "gpu":
+        print(f"pallas_gpu: skipped (needs a GPU; jax.default_backend() = {jax.default_backend()})")
+        return
+    print(f"device: {jax.devices()[0].device_kind}, bf16, Pallas Triton gmm, median ms / TFLOP/s")
+    for tokens, top_k, num_groups, k, n in GPU_SHAPES:
+        m = tokens * top_k
+        result = bench_gpu_shape(tokens, top_k, num_groups, k, n, tiling)
+        times = result["times"]
+        flops = 2 * m * k * n
+        fields = []
+        for name, (fwd, step) in times.items():
+            fields.append(
+                f"{name}: fwd={fwd * 1e3:.2f}ms {flops / fwd / 1e12:.0f}TF/s "
+                f"fwd+bwd={step * 1e3:.2f}ms {3 * flops / step / 1e12:.0f}TF/s"
+            )
+        dense_fwd, dense_step = times["dense"]
+        ratios = " ".join(
+            f"{name}_over_dense=fwd {fwd / dense_fwd:.2f} fwd+bwd {step / dense_step:.2f}"
+            for name, (fwd, step) in times.items()
+            if name != "dense"
+        )
+        print(
+            f"m={m} groups={num_groups} k={k} n={n} | " + " | ".join(fields) + f" | {ratios} | "
+            f"max_abs_err_vs_ragged_dot={result['max_abs_err_vs_ragged_dot']:.3g}",
+            flush=True,
+        )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip_ragged_dot", action="store_true")
+    parser.add_argument(
+        "--gpu_tiling",
+        default=None,
+        help="TM,TK,TN[,NUM_WARPS,NUM_STAGES] for the Pallas GPU kernels (default: the rule).",
+    )
     args = parser.parse_args(argv)
+    tiling = None
+    if args.gpu_tiling:
+        tiling = GpuTiling(*(int(x) for x in args.gpu_tiling.split(",")))
     print(f"device: {jax.devices()[0].device_kind}, fp32, fwd+bwd, median ms")
     for tokens, top_k, num_groups, k, n in SHAPES:
         m = tokens * top_k
@@ -82,6 +173,7 @@ def main(argv=None) -> None:
             if name != "dense"
         )
         print(f"{line} | {ratios}", flush=True)
+    report_gpu(tiling)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ before the next group starts. Same bound.
 
 Zero visits (and empty-group visits) name, as the blocks to fetch, the blocks the previous real
 visit already holds, so they cost a grid step but no DMA.
+
+The Triton (GPU) gmm reads the same visits (group_offsets, visit_tile, visit_group, num_visits)
+from global memory, one program per visit; the fetch_* fields only serve the TPU index maps.
+The GPU tgmm needs no visit list, only `group_offsets`: it reads each group's rows from the
+group's first row, unaligned.
 """
 
 from __future__ import annotations
@@ -50,14 +55,19 @@ class Schedule(NamedTuple):
     num_visits: jax.Array
 
 
+def group_offsets(group_sizes: jax.Array) -> jax.Array:
+    """[num_groups + 1] int32: the first row of each group, then sum(group_sizes)."""
+    return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(group_sizes.astype(jnp.int32))])
+
+
 def _group_bounds(group_sizes, tm, group_offset, num_local):
     sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
+    offsets = group_offsets(sizes)
+    ends = offsets[1:]
     starts = ends - sizes
     gid = jnp.arange(sizes.shape[0], dtype=jnp.int32)
     offset = jnp.asarray(group_offset, jnp.int32)
     local = (gid >= offset) & (gid < offset + num_local)
-    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), ends])
     first_tile = starts // tm
     last_tile = jnp.maximum(ends - 1, 0) // tm
     return sizes, offsets, starts, local, first_tile, last_tile

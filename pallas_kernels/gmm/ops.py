@@ -11,8 +11,14 @@ Gradients of gmm: d lhs = gmm(grad, rhs^T), where the transpose is the kernel re
 blocks [tn, tk] and contracting their last dim (no transposed copy of the weights), and
 d rhs = tgmm(lhs, grad). Accumulation is fp32 throughout.
 
-Shapes need no padding: m, k, n may be any size (see `tpu.py` for how partial blocks are
-masked); block sizes come from `tuning.default_tiling` unless `tiling` is given.
+Shapes need no padding: m, k, n may be any size (see `tpu.py` / `gpu.py` for how partial
+blocks are masked); block sizes come from `tuning.default_tiling` unless `tiling` is given.
+
+Targets: `target="tpu"` runs the Mosaic kernels of `tpu.py`, `target="gpu"` the Triton kernels
+of `gpu.py` (forward, d lhs and d rhs alike); the default is "gpu" when jax's default backend
+is a GPU, else "tpu". With `interpret=True` either runs on the CPU. On GPU, an unset `tiling`
+is chosen per kernel call (`tuning.default_gpu_tiling`: forward, d lhs and d rhs each get
+their own blocks); a given one (`GpuTiling`, `Tiling` or a tuple) serves all three as on TPU.
 
 FP8: pass E4M3 operands with `lhs_scale` ([m, ceil(k / 128)], one per 1 x 128 tile) and
 `rhs_scale` ([G_local, ceil(k / 128), ceil(n / 128)], one per 128 x 128 block; for
@@ -29,10 +35,19 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from pallas_kernels.common import match_cotangent
-from pallas_kernels.gmm import metadata, tpu
-from pallas_kernels.gmm.tuning import Tiling, default_tiling, fit_tgmm, validate_tiling
+from pallas_kernels.gmm import gpu, metadata, tpu
+from pallas_kernels.gmm.tuning import (
+    GpuTiling,
+    Tiling,
+    default_gpu_tiling,
+    default_tiling,
+    fit_tgmm,
+    validate_gpu_tiling,
+    validate_tiling,
+)
 
 _SCALE_BLOCK = 128
+TARGETS = ("tpu", "gpu")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -43,7 +58,17 @@ def _device_kind() -> str | None:
     return jax.devices()[0].device_kind if jax.default_backend() == "tpu" else None
 
 
-def _resolve_tiling(tiling, m, k, n, dtype, out_dtype) -> Tiling:
+def _resolve_target(target: str | None) -> str:
+    if target is None:
+        return "gpu" if jax.default_backend() == "gpu" else "tpu"
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS} (or None), got {target!r}.")
+    return target
+
+
+def _resolve_tiling(tiling, m, k, n, dtype, out_dtype, target) -> Tiling | GpuTiling | None:
+    if target == "gpu":  # None: each kernel call picks its own (see the module docstring).
+        return None if tiling is None else validate_gpu_tiling(tiling)
     if tiling is None:
         return default_tiling(m, k, n, dtype=dtype, out_dtype=out_dtype, device_kind=_device_kind())
     if isinstance(tiling, Tiling):
@@ -53,8 +78,8 @@ def _resolve_tiling(tiling, m, k, n, dtype, out_dtype) -> Tiling:
     return Tiling(*(int(t) for t in tiling))
 
 
-def _swap_kn(t: Tiling) -> Tiling:
-    return Tiling(t.tm, t.tn, t.tk, t.sub_m)
+def _swap_kn(t: Tiling | GpuTiling | None) -> Tiling | GpuTiling | None:
+    return None if t is None else t._replace(tk=t.tn, tn=t.tk)
 
 
 def _gmm_impl(
@@ -66,13 +91,20 @@ def _gmm_impl(
     tiling,
     transpose_rhs,
     interpret,
+    target,
     lhs_scale=None,
     rhs_scale=None,
 ):
     """One kernel call; `tiling` in this call's terms (tk: reduction, tn: output columns)."""
     m, r = lhs.shape
     c = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    t = validate_tiling(tiling, m, r, c, scaled=lhs_scale is not None)
+    if target == "gpu":
+        num_groups = group_sizes.shape[0]
+        t = tiling or default_gpu_tiling(m, r, c, dtype=lhs.dtype, num_groups=num_groups)
+        kernel = functools.partial(gpu.gmm_call, interpret=bool(interpret))
+    else:
+        t = validate_tiling(tiling, m, r, c, scaled=lhs_scale is not None)
+        kernel = functools.partial(tpu.gmm_call, interpret=interpret)
     sched = metadata.gmm_schedule(
         group_sizes,
         m=m,
@@ -81,7 +113,7 @@ def _gmm_impl(
         group_offset=group_offset,
         num_local=rhs.shape[0],
     )
-    return tpu.gmm_call(
+    return kernel(
         lhs,
         rhs,
         sched,
@@ -91,13 +123,26 @@ def _gmm_impl(
         out_dtype=out_dtype,
         lhs_scale=lhs_scale,
         rhs_scale=rhs_scale,
-        interpret=interpret,
     )
 
 
-def _tgmm_impl(lhs, grad, group_sizes, group_offset, num_local, out_dtype, tiling, interpret):
+def _tgmm_impl(
+    lhs, grad, group_sizes, group_offset, num_local, out_dtype, tiling, interpret, target
+):
     m, k = lhs.shape
     n = grad.shape[1]
+    if target == "gpu":
+        t = tiling or default_gpu_tiling(m, k, n, dtype=lhs.dtype, tgmm=True)
+        return gpu.tgmm_call(
+            lhs,
+            grad,
+            metadata.group_offsets(group_sizes),
+            group_offset,
+            num_local=num_local,
+            tiling=t,
+            out_dtype=out_dtype,
+            interpret=bool(interpret),
+        )
     in_bytes = max(lhs.dtype.itemsize, grad.dtype.itemsize)
     t = validate_tiling(tiling, m, k, n)
     t = fit_tgmm(t, k, n, in_bytes, jnp.dtype(out_dtype).itemsize, _device_kind())
@@ -116,21 +161,23 @@ def _tgmm_impl(lhs, grad, group_sizes, group_offset, num_local, out_dtype, tilin
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _gmm(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _gmm(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret, target):
     return _gmm_impl(
-        lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret
+        lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret, target
     )
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret):
+def _gmm_fwd(
+    lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret, target
+):
     out = _gmm_impl(
-        lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret
+        lhs, rhs, group_sizes, group_offset, out_dtype, tiling, transpose_rhs, interpret, target
     )
     return out, (lhs, rhs, group_sizes, group_offset)
 
 
-def _gmm_bwd(out_dtype, tiling, transpose_rhs, interpret, residuals, grad):
+def _gmm_bwd(out_dtype, tiling, transpose_rhs, interpret, target, residuals, grad):
     del out_dtype
     lhs, rhs, group_sizes, group_offset = residuals
     # d lhs [m, k] = grad [m, n] @ rhs_g^T: reduce over n, write k columns.
@@ -143,6 +190,7 @@ def _gmm_bwd(out_dtype, tiling, transpose_rhs, interpret, residuals, grad):
         _swap_kn(tiling),
         not transpose_rhs,
         interpret,
+        target,
     )
     num_local = rhs.shape[0]
     if transpose_rhs:  # rhs_g is [n, k]: its gradient is grad_g^T @ lhs_g.
@@ -155,10 +203,11 @@ def _gmm_bwd(out_dtype, tiling, transpose_rhs, interpret, residuals, grad):
             rhs.dtype,
             _swap_kn(tiling),
             interpret,
+            target,
         )
     else:
         drhs = _tgmm_impl(
-            lhs, grad, group_sizes, group_offset, num_local, rhs.dtype, tiling, interpret
+            lhs, grad, group_sizes, group_offset, num_local, rhs.dtype, tiling, interpret, target
         )
     return match_cotangent(dlhs, lhs), match_cotangent(drhs, rhs), None, None
 
@@ -166,7 +215,7 @@ def _gmm_bwd(out_dtype, tiling, transpose_rhs, interpret, residuals, grad):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _gmm_scaled(
     lhs,
     rhs,
@@ -178,6 +227,7 @@ def _gmm_scaled(
     tiling,
     transpose_rhs,
     interpret,
+    target,
 ):
     return _gmm_impl(
         lhs,
@@ -188,6 +238,7 @@ def _gmm_scaled(
         tiling,
         transpose_rhs,
         interpret,
+        target,
         lhs_scale,
         rhs_scale,
     )
@@ -218,7 +269,7 @@ def _check_group_sizes(group_sizes, num_local):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("preferred_element_type", "tiling", "transpose_rhs", "interpret"),
+    static_argnames=("preferred_element_type", "tiling", "transpose_rhs", "interpret", "target"),
 )
 def gmm(
     lhs: jax.Array,
@@ -226,12 +277,13 @@ def gmm(
     group_sizes: jax.Array,
     *,
     preferred_element_type: DTypeLike | None = None,
-    tiling: Tiling | tuple[int, ...] | None = None,
+    tiling: Tiling | GpuTiling | tuple[int, ...] | None = None,
     group_offset: int | jax.Array = 0,
     transpose_rhs: bool = False,
     lhs_scale: jax.Array | None = None,
     rhs_scale: jax.Array | None = None,
     interpret=False,
+    target: str | None = None,
 ) -> jax.Array:
     """Grouped matmul: out[rows of group g] = lhs[rows of g] @ rhs[g - group_offset].
 
@@ -240,11 +292,13 @@ def gmm(
       rhs: [G_local, k, n] ([G_local, n, k] if `transpose_rhs`).
       group_sizes: [G] int32, G >= G_local; sum(group_sizes) <= m.
       preferred_element_type: output dtype; default lhs.dtype (bf16 for FP8 operands).
-      tiling: `Tiling` or (tm, tk, tn[, sub_m]) on the forward dims; default from `tuning`.
+      tiling: on the forward dims; TPU: `Tiling` or (tm, tk, tn[, sub_m]); GPU: `GpuTiling`
+        or (tm, tk, tn[, num_warps[, num_stages]]), powers of two >= 16. Default from `tuning`.
       group_offset: global id of rhs[0] (int or int32 scalar array).
       transpose_rhs: multiply by rhs[g]^T (rhs stored [G_local, n, k]).
       lhs_scale, rhs_scale: FP8 scales (see the module docstring); both or neither.
-      interpret: True (or a `pltpu.InterpretParams`) runs the kernel on CPU.
+      interpret: True (or a `pltpu.InterpretParams` for the TPU kernels) runs them on CPU.
+      target: "tpu" (Mosaic) or "gpu" (Triton) kernels; default from `jax.default_backend()`.
 
     Returns:
       [m, n]; rows outside the local groups are zero.
@@ -265,10 +319,11 @@ def gmm(
     if not scaled and jnp.dtype(lhs.dtype).itemsize == 1:
         raise ValueError(f"lhs has dtype {lhs.dtype}: 8-bit operands need lhs_scale/rhs_scale.")
     out_dtype = jnp.dtype(preferred_element_type or (jnp.bfloat16 if scaled else lhs.dtype))
-    t = _resolve_tiling(tiling, m, k, n, lhs.dtype, out_dtype)
+    target = _resolve_target(target)
+    t = _resolve_tiling(tiling, m, k, n, lhs.dtype, out_dtype, target)
     goff = jnp.asarray(group_offset, jnp.int32).reshape(())
     if not scaled:
-        return _gmm(lhs, rhs, group_sizes, goff, out_dtype, t, transpose_rhs, interpret)
+        return _gmm(lhs, rhs, group_sizes, goff, out_dtype, t, transpose_rhs, interpret, target)
     kb = _cdiv(k, _SCALE_BLOCK)
     if lhs_scale.shape != (m, kb):
         raise ValueError(f"lhs_scale must be [m, ceil(k/128)] = {(m, kb)}, got {lhs_scale.shape}.")
@@ -290,11 +345,13 @@ def gmm(
         t,
         transpose_rhs,
         interpret,
+        target,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("preferred_element_type", "tiling", "num_local", "interpret")
+    jax.jit,
+    static_argnames=("preferred_element_type", "tiling", "num_local", "interpret", "target"),
 )
 def tgmm(
     lhs: jax.Array,
@@ -302,10 +359,11 @@ def tgmm(
     group_sizes: jax.Array,
     *,
     preferred_element_type: DTypeLike = jnp.float32,
-    tiling: Tiling | tuple[int, ...] | None = None,
+    tiling: Tiling | GpuTiling | tuple[int, ...] | None = None,
     group_offset: int | jax.Array = 0,
     num_local: int | None = None,
     interpret=False,
+    target: str | None = None,
 ) -> jax.Array:
     """Per-group lhs^T @ grad, the weight gradient of `gmm`: [num_local, k, n].
 
@@ -324,6 +382,7 @@ def tgmm(
     _check_group_sizes(group_sizes, num_local)
     (m, k), n = lhs.shape, grad.shape[1]
     out_dtype = jnp.dtype(preferred_element_type)
-    t = _resolve_tiling(tiling, m, k, n, lhs.dtype, out_dtype)
+    target = _resolve_target(target)
+    t = _resolve_tiling(tiling, m, k, n, lhs.dtype, out_dtype, target)
     goff = jnp.asarray(group_offset, jnp.int32).reshape(())
-    return _tgmm_impl(lhs, grad, group_sizes, goff, num_local, out_dtype, t, interpret)
+    return _tgmm_impl(lhs, grad, group_sizes, goff, num_local, out_dtype, t, interpret, target)

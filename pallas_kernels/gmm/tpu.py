@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import out_struct, vary_like, varying_axes
+from pallas_kernels.gmm.cost import gmm_cost, tgmm_cost
 from pallas_kernels.gmm.metadata import Schedule
 from pallas_kernels.gmm.tuning import Tiling, gmm_vmem_bytes, tgmm_vmem_bytes
 
@@ -220,15 +221,7 @@ def gmm_call(
     in_bytes = max(lhs.dtype.itemsize, rhs.dtype.itemsize)
     vmem = gmm_vmem_bytes(tiling, in_bytes, out_itemsize, scaled)
     num_c = _cdiv(c, tc)
-    cost = pl.CostEstimate(
-        flops=2 * m * r * c,
-        transcendentals=0,
-        bytes_accessed=int(
-            lhs.size * lhs.dtype.itemsize * num_c
-            + rhs.size * rhs.dtype.itemsize
-            + m * c * out_itemsize
-        ),
-    )
+    cost = gmm_cost(lhs, rhs, c, out_dtype, tc)
     axes = varying_axes(sched, group_offset, *operands)
     call = pl.pallas_call(
         kernel,
@@ -307,15 +300,7 @@ def tgmm_call(
     out_itemsize = jnp.dtype(out_dtype).itemsize
     in_bytes = max(lhs.dtype.itemsize, grad.dtype.itemsize)
     vmem = tgmm_vmem_bytes(tiling, in_bytes, out_itemsize)
-    cost = pl.CostEstimate(
-        flops=2 * m * k * n,
-        transcendentals=0,
-        bytes_accessed=int(
-            lhs.size * lhs.dtype.itemsize * num_n
-            + grad.size * grad.dtype.itemsize * num_k
-            + num_local * k * n * out_itemsize
-        ),
-    )
+    cost = tgmm_cost(lhs, grad, num_local, out_dtype, tk, tn)
     axes = varying_axes(sched, group_offset, lhs, grad)
     call = pl.pallas_call(
         kernel,

@@ -1,4 +1,5 @@
-"""Block sizes for the grouped matmul kernels: a small table for the Ling expert shapes and a rule.
+"""Block sizes for the grouped matmul kernels: a small table for the Ling expert shapes and a rule
+(TPU, `Tiling`), and a small rule for the Triton GPU kernels (`GpuTiling`, at the end).
 
 A `Tiling` names blocks on the forward problem's dims: lhs [m, k] @ rhs[g] [k, n]. The backward
 kernels reuse it on the same dims (d lhs = gmm(grad [m, n], rhs^T) reduces over n with n-blocks
@@ -200,3 +201,78 @@ def validate_tiling(t: Tiling, m: int, k: int, n: int, *, scaled: bool = False) 
             f"tiling.sub_m={t.sub_m} must divide tm={tm} and be a multiple of 8 (or be 0)."
         )
     return Tiling(tm, tk, tn, sub_m)
+
+
+# --- GPU (Triton, `gpu.py`) -----------------------------------------------------------------------
+
+_GPU_MIN_BLOCK = 16  # Triton's dot needs every dim >= 16.
+
+
+class GpuTiling(NamedTuple):
+    """Blocks and launch parameters of the Triton kernels, on the forward dims like `Tiling`.
+
+    tm: rows per program (gmm); rows per reduction step (tgmm).
+    tk: reduction step (gmm); rows of tgmm's [tk, tn] output block.
+    tn: output columns per program.
+    num_warps: warps per program (4 = one Hopper warpgroup).
+    num_stages: depth of Triton's software pipeline over the reduction loop.
+    Block dims are powers of two >= 16 (Triton tensors); a block larger than its dim is masked.
+    """
+
+    tm: int
+    tk: int
+    tn: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _pow2_block(cap: int, dim: int) -> int:
+    """cap, or the smallest power of two >= dim (at least 16) if that is smaller."""
+    return max(_GPU_MIN_BLOCK, min(cap, 1 << max(dim - 1, 0).bit_length()))
+
+
+def default_gpu_tiling(
+    m: int, r: int, c: int, *, dtype=jnp.bfloat16, num_groups: int = 1, tgmm: bool = False
+) -> GpuTiling:
+    """The Triton blocks of one kernel call, in that call's terms (not measured yet: a rule).
+
+    gmm (lhs [m, r] @ w [r, c]): tm = 64 rows while the mean group has < 256 rows, else 128: a
+    row tile straddling a group boundary is computed once per group, so tm bounds the waste per
+    group, and 64 rows is still one full wgmma (m64nNk16) per warpgroup. tn = 128 columns. The
+    reduction step is 128 bytes of a row (64 bf16 / 32 fp32 elements): one swizzled
+    shared-memory line. Eight warps for 128 x 128 accumulators (128 fp32 registers a thread
+    with four). Three stages: 3 * (tm * tk + tk * tn) * bytes <= 96 KiB of shared memory.
+    tgmm (lhs [m, r]^T @ grad [m, c], call it with tgmm=True): a [128, 128] output block per
+    (group, block) program, the group's rows reduced 128 bytes at a time, eight warps.
+    Each block is capped at the dim rounded up to a power of two (>= 16).
+    """
+    itemsize = min(jnp.dtype(dtype).itemsize, 4)
+    step = max(_GPU_MIN_BLOCK, 128 // max(itemsize, 2))  # fp8 is upcast to bf16: 64, like bf16.
+    if tgmm:
+        tm, tk, tn = _pow2_block(step, m), _pow2_block(128, r), _pow2_block(128, c)
+        warps = 8 if tk * tn >= 128 * 128 else 4
+    else:
+        rows = 128 if m >= 256 * max(num_groups, 1) else 64
+        tm, tk, tn = _pow2_block(rows, m), _pow2_block(step, r), _pow2_block(128, c)
+        warps = 8 if tm * tn >= 128 * 128 else 4
+    return GpuTiling(tm, tk, tn, num_warps=warps, num_stages=3)
+
+
+def validate_gpu_tiling(t) -> GpuTiling:
+    """A `GpuTiling` from one, from a `Tiling` (sub_m dropped) or from (tm, tk, tn[, warps[,
+    stages]]); raise naming the field that is not a power of two >= 16."""
+    if isinstance(t, Tiling):
+        t = GpuTiling(t.tm, t.tk, t.tn)
+    elif not isinstance(t, GpuTiling):
+        if len(t) not in (3, 4, 5):
+            raise ValueError(
+                f"GPU tiling must be (tm, tk, tn[, num_warps[, num_stages]]), got {t!r}."
+            )
+        t = GpuTiling(*(int(x) for x in t))
+    for name in ("tm", "tk", "tn"):
+        block = getattr(t, name)
+        if block < _GPU_MIN_BLOCK or block & (block - 1):
+            raise ValueError(f"tiling.{name}={block} must be a power of two >= 16 on GPU.")
+    if t.num_warps not in (1, 2, 4, 8, 16) or t.num_stages < 1:
+        raise ValueError(f"tiling.num_warps={t.num_warps} / num_stages={t.num_stages} invalid.")
+    return t

@@ -8,9 +8,6 @@ so any unmasked read or unwritten output row shows up.
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from hypothesis import strategies as st
 
 from pallas_kernels.fp8 import reference as fp8_ref
 from pallas_kernels.gmm import Tiling, gmm, gmm_reference, tgmm, tgmm_reference, tuning
+from tests.kernels import gmm_checks
 
 M, K, N, G = 200, 192, 160, 6
 TILING = Tiling(32, 128, 128)  # Row tiles of 32: many tiles straddle groups.
@@ -32,67 +30,16 @@ GROUP_SIZES = {
     "padding_rows": [17, 0, 40, 3, 0, 31],  # 91 of 200 rows used.
     "all_padding": [0, 0, 0, 0, 0, 0],
 }
-TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=2e-1)}
 
 
 def make_inputs(seed: int, dtype, num_local: int = G, transpose_rhs: bool = False):
-    rng = np.random.default_rng(seed)
-    lhs = jnp.asarray(rng.normal(size=(M, K)), dtype)
-    rhs_shape = (num_local, N, K) if transpose_rhs else (num_local, K, N)
-    rhs = jnp.asarray(rng.normal(size=rhs_shape) / np.sqrt(K), dtype)
-    cotangent = jnp.asarray(rng.normal(size=(M, N)), jnp.float32)
-    return lhs, rhs, cotangent
+    return gmm_checks.make_inputs(seed, dtype, (M, K, N), num_local, transpose_rhs)
 
 
-@functools.cache
-def value_and_grads(fn_name: str, tiling=TILING, transpose_rhs=False):
-    """jit(lhs, rhs, sizes, offset, cot) -> (out, (d lhs, d rhs)) of sum(out * cot)."""
-
-    def fn(lhs, rhs, sizes, offset):
-        if fn_name == "kernel":
-            return gmm(
-                lhs,
-                rhs,
-                sizes,
-                tiling=tiling,
-                group_offset=offset,
-                transpose_rhs=transpose_rhs,
-                interpret=True,
-            )
-        return gmm_reference(lhs, rhs, sizes, group_offset=offset, transpose_rhs=transpose_rhs)
-
-    def loss(lhs, rhs, sizes, offset, cot):
-        out = fn(lhs, rhs, sizes, offset)
-        return jnp.vdot(out.astype(jnp.float32), cot), out
-
-    grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-    return jax.jit(lambda *args: (lambda r: (r[0][1], r[1]))(grad_fn(*args)))
-
-
-def check_against_reference(
-    sizes, dtype, *, tiling=TILING, num_local=G, offset=0, transpose_rhs=False, seed=0
-):
-    lhs, rhs, cot = make_inputs(seed, dtype, num_local, transpose_rhs)
-    sizes = jnp.asarray(sizes, jnp.int32)
-    offset = jnp.int32(offset)
-    out, grads = value_and_grads("kernel", tiling, transpose_rhs)(lhs, rhs, sizes, offset, cot)
-    ref_out, ref_grads = value_and_grads("reference", TILING, transpose_rhs)(
-        lhs, rhs, sizes, offset, cot
+def check_against_reference(sizes, dtype, *, tiling=TILING, num_local=G, **kwargs):
+    return gmm_checks.check_against_reference(
+        sizes, dtype, dims=(M, K, N), tiling=tiling, num_local=num_local, **kwargs
     )
-    tol = TOL[dtype]
-    assert out.dtype == dtype and out.shape == (M, N)
-    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), **tol)
-    for got, want in zip(grads, ref_grads, strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        np.testing.assert_allclose(np.float32(got), np.float32(want), **tol)
-    # Rows outside the local groups: exactly zero, with exactly zero gradient.
-    ends = np.cumsum(np.asarray(sizes))
-    starts = ends - np.asarray(sizes)
-    lo, hi = starts[offset], ends[offset + num_local - 1]
-    outside = np.r_[0:lo, hi:M]
-    assert np.all(np.float32(out)[outside] == 0)
-    assert np.all(np.float32(grads[0])[outside] == 0)
-    return out, grads
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])

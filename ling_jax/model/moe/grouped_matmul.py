@@ -228,8 +228,9 @@ def grouped_matmul(
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
         return out.astype(out_dtype)
     if backend == "pallas":
-        # Mosaic kernels on TPU; the Pallas interpreter elsewhere (slow: for tests only).
-        interpret = jax.default_backend() != "tpu"
+        # Mosaic kernels on TPU, Triton kernels on GPU (`gmm`'s target follows the backend);
+        # the Pallas interpreter elsewhere (slow: for tests only).
+        interpret = jax.default_backend() not in ("tpu", "gpu")
         return gmm(lhs, rhs, group_sizes, preferred_element_type=out_dtype, interpret=interpret)
     if tile_rows < 0:
         raise ValueError(f"tile_rows must be >= 0 (0 = automatic), got {tile_rows}.")
