@@ -12,10 +12,14 @@ fp8_compare.py), once in BF16 and once with `fp8.enabled=True`, then prints
     over the run;
   * the gap of the same final weights evaluated with the BF16 and with the FP8 forward pass;
   * with --control, the same gaps for `bf16_reordered`, a BF16 run with another fp32 rounding
-    order (chunked attention): how far two runs drift apart from rounding alone.
+    order (chunked attention): how far two runs drift apart from rounding alone;
+  * with --seeds=0,1,2, every run once per seed (init and data order; runs `<name>_seed<s>`
+    beside the seed-0 runs `<name>`), and the final gap of each pair with the mean over seeds
+    and its standard error. The tables along the run, the same-weights check and the
+    safeguards are those of seed 0.
 
 Every run is a public `experiments.run` command, printed as it runs; finished runs in --root are
-reused. The final line is `final_relative_gap=<eval gap at the last step>`.
+reused. The final line is `final_relative_gap=<eval gap at the last step>` (the mean over seeds).
 """
 
 from __future__ import annotations
@@ -62,6 +66,20 @@ def safeguard_table(records: list[dict]) -> tuple[int, dict, dict]:
     return last["step"], dict(sorted(table.items())), extremes
 
 
+def seed_gap_summary(gaps: list[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) of per-seed gaps; the error is 0 for one seed."""
+    n = len(gaps)
+    mean = sum(gaps) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((g - mean) ** 2 for g in gaps) / (n - 1)
+    return mean, (variance / n) ** 0.5
+
+
+def run_name(precision: str, seed: int) -> str:
+    return precision if seed == 0 else f"{precision}_seed{seed}"
+
+
 def _finished(workdir: str, steps: int) -> bool:
     if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return False
@@ -104,7 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run bf16_reordered (BF16, another rounding order): the noise floor",
     )
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds (init and data order); every run is made once per seed",
+    )
     args = parser.parse_args(argv)
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",")})
+    except ValueError:
+        parser.error(f"--seeds={args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    if seeds[0] != 0:
+        parser.error(f"--seeds={args.seeds!r} must include 0 (the reference pair)")
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     runner = Runner(root)
@@ -112,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = (
         (*fp8_compare.PRECISIONS, fp8_compare.CONTROL) if args.control else fp8_compare.PRECISIONS
     )
+    for seed in seeds:
+        for run in runs:
+            name = run_name(run, seed)
+            if not _finished(os.path.join(root, name), steps):
+                config = f"--config={CONFIG}:{run},{steps},{seed}"
+                runner.run(name, ["experiments.run", config, f"--workdir={root}/{name}"])
     workdir = {p: os.path.join(root, p) for p in runs}
-    for run in runs:
-        if not _finished(workdir[run], steps):
-            config = f"--config={CONFIG}:{run},{steps}"
-            runner.run(run, ["experiments.run", config, f"--workdir={workdir[run]}"])
 
     records = {p: read_metrics(workdir[p]) for p in runs}
     evals = {p: _series(records[p], "eval/loss") for p in runs}
@@ -142,6 +173,22 @@ def main(argv: list[str] | None = None) -> int:
         seconds = runner.timings.get(run, {}).get("seconds")
         if seconds is not None:
             print(f"  {run} run: {seconds / 60:.1f} min")
+
+    seed_gaps = {}
+    for p in compared:
+        seed_gaps[p] = []
+        for seed in seeds:
+            final_losses = {
+                q: _series(read_metrics(os.path.join(root, run_name(q, seed))), "eval/loss")[steps]
+                for q in ("bf16", p)
+            }
+            seed_gaps[p].append((final_losses[p] - final_losses["bf16"]) / final_losses["bf16"])
+    if len(seeds) > 1:
+        print(f"\nfinal eval-loss gap to bf16 at step {steps}, per seed {seeds}:")
+        for p in compared:
+            mean, stderr = seed_gap_summary(seed_gaps[p])
+            cells = " ".join(f"{g:+.4%}" for g in seed_gaps[p])
+            print(f"  {p:>14s}: {cells} | mean {mean:+.4%} +- {stderr:.4%} (standard error)")
 
     # The same weights through both forward passes: FP8's own effect on the loss, free of
     # the drift between two training trajectories.
@@ -177,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in extremes.items():
             print(f"  over the run: {name} = {value:.6f}")
 
-    final = eval_gap["fp8"][max(eval_gap["fp8"])]
+    final, final_stderr = seed_gap_summary(seed_gaps["fp8"])
     summary = {
+        "seeds": seeds,
+        "final_gap_per_seed": seed_gaps,
+        "final_gap_stderr": final_stderr,
         "eval_gap": eval_gap,
         "train_gap": train_gap,
         "final_relative_gap": final,

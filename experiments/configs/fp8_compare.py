@@ -3,10 +3,11 @@
 
     python -m experiments.run --config=experiments/configs/fp8_compare.py:fp8 --workdir=runs/fp8
 
-The argument is `<precision>[,<num_steps>]` with precision `bf16`, `fp8` or `bf16_reordered`
-(default `fp8,200`). `bf16_reordered` is the BF16 run with chunked attention: the same math
-with another fp32 rounding order, so its gap to `bf16` is the comparison's noise floor (how far
-two runs drift apart from rounding differences alone).
+The argument is `<precision>[,<num_steps>[,<seed>]]` with precision `bf16`, `fp8` or
+`bf16_reordered` (default `fp8,200,0`); a seed sets both the init and the data order.
+`bf16_reordered` is the BF16 run with chunked attention: the same math with another fp32
+rounding order, so its gap to `bf16` is the comparison's noise floor (how far two runs drift
+apart from rounding differences alone).
 The model is the quickstart's with widths that are multiples of 128 (hidden 256, 4 heads of 64,
 expert width 128), so every GEMM has whole 1 x 128 tiles and 128 x 128 blocks, and compute in
 bfloat16 (the baseline SPEC section 9 measures against). FP8 is emulated on a CPU.
@@ -25,13 +26,14 @@ PRECISIONS = ("bf16", "fp8")
 CONTROL = "bf16_reordered"
 
 
-def parse_arg(arg: str) -> tuple[str, int]:
-    precision, _, steps = (arg or "fp8").partition(",")
+def parse_arg(arg: str) -> tuple[str, int, int]:
+    """ "PRECISION[,STEPS[,SEED]]" -> (precision, steps, seed)."""
+    precision, steps, seed = ((arg or "fp8").split(",") + ["", ""])[:3]
     if precision not in (*PRECISIONS, CONTROL):
         raise ValueError(
             f"fp8_compare precision {precision!r}: expected one of {(*PRECISIONS, CONTROL)}"
         )
-    return precision, int(steps) if steps else NUM_STEPS
+    return precision, int(steps) if steps else NUM_STEPS, int(seed) if seed else 0
 
 
 def compare_model() -> ml_collections.ConfigDict:
@@ -48,8 +50,13 @@ def compare_model() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "fp8") -> ml_collections.ConfigDict:
-    precision, num_steps = parse_arg(arg)
+    precision, num_steps, seed = parse_arg(arg)
     cfg = quickstart.get_config()
+    # A seed other than 0 changes both the init and the data order, the same for every
+    # precision: runs of one seed form a pair.
+    if seed:
+        cfg.seed = seed
+        cfg.data.shuffle_seed = seed
     cfg.model = compare_model()
     cfg.fp8 = cfg.model.fp8  # One section under both names (default_experiment_config).
     cfg.train.batch_size = BATCH_SIZE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.fp8_compare import relative_gaps, safeguard_table
+from experiments.fp8_compare import relative_gaps, run_name, safeguard_table, seed_gap_summary
 
 
 def test_relative_gaps_pair_the_steps_both_runs_logged():
@@ -38,3 +38,11 @@ def test_safeguard_table_reads_the_last_probe_and_the_extremes():
     }
     assert extremes == {"max underflow": 0.02, "min distortion (cosine)": 0.998}
     assert safeguard_table(records[:1]) == (0, {}, {})
+
+
+def test_seed_gap_summary_and_run_names():
+    mean, stderr = seed_gap_summary([0.003, -0.001, 0.001])
+    assert mean == pytest.approx(0.001)
+    assert stderr == pytest.approx(0.002 / 3**0.5)  # Sample std 0.002 over sqrt(3).
+    assert seed_gap_summary([0.0027]) == (pytest.approx(0.0027), 0.0)
+    assert run_name("fp8", 0) == "fp8" and run_name("bf16_reordered", 2) == "bf16_reordered_seed2"

@@ -107,6 +107,8 @@ def test_fp8_compare_configs(precision):
     assert cfg.model.dtype == "bfloat16" and cfg.seed == quickstart.get_config().seed
     with pytest.raises(ValueError, match="precision"):
         fp8_compare.get_config("fp16")
+    seeded = fp8_compare.get_config(f"{precision},50,3")
+    assert seeded.seed == 3 and seeded.data.shuffle_seed == 3
     jax.tree.map(lambda x: x, cfg.to_dict())
 
 
