@@ -28,7 +28,7 @@ from jax.typing import DTypeLike
 from pallas_kernels.common import match_cotangent
 from pallas_kernels.fp8 import reference, tpu
 from pallas_kernels.gmm import ops as gmm_ops
-from pallas_kernels.gmm.tuning import Tiling
+from pallas_kernels.gmm.tuning import GpuTiling, Tiling
 
 dequantize_rowwise = reference.dequantize_rowwise
 dequantize_blockwise = reference.dequantize_blockwise  # Elementwise: XLA fuses it into users.
@@ -59,9 +59,21 @@ def quantize_blockwise(
     return tpu.quantize_blockwise(w, block, power_of_two_scale, interpret=interpret)
 
 
-def _forward(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret):
-    lq, ls = quantize_rowwise(lhs, power_of_two_scale=pow2, interpret=interpret)
-    wq, ws = quantize_blockwise(rhs, power_of_two_scale=pow2, interpret=interpret)
+def _quantizers(target: str, interpret):
+    """(rowwise, blockwise) quantizers: the Pallas TPU kernels, or on GPU the jnp reference
+    (bit-identical; XLA fuses it into its neighbours there)."""
+    if target == "gpu":
+        return reference.quantize_rowwise, reference.quantize_blockwise
+    return (
+        functools.partial(quantize_rowwise, interpret=interpret),
+        functools.partial(quantize_blockwise, interpret=interpret),
+    )
+
+
+def _forward(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret, target):
+    rowwise, blockwise = _quantizers(target, interpret)
+    lq, ls = rowwise(lhs, power_of_two_scale=pow2)
+    wq, ws = blockwise(rhs, power_of_two_scale=pow2)
     out = gmm_ops.gmm(
         lq,
         wq,
@@ -72,28 +84,30 @@ def _forward(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, inter
         preferred_element_type=out_dtype,
         tiling=tiling,
         interpret=interpret,
+        target=target,
     )
     return out, (wq, ws)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _gmm_fp8(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret):
-    return _forward(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _gmm_fp8(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret, target):
+    args = (lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret, target)
+    return _forward(*args)[0]
 
 
-def _gmm_fp8_fwd(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret):
+def _gmm_fp8_fwd(lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret, target):
     out, (wq, ws) = _forward(
-        lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret
+        lhs, rhs, group_sizes, group_offset, out_dtype, tiling, pow2, interpret, target
     )
     dtype_token = jnp.zeros((0,), rhs.dtype)  # Residuals must be arrays: carries rhs.dtype.
     return out, (lhs, wq, ws, group_sizes, group_offset, dtype_token)
 
 
-def _gmm_fp8_bwd(out_dtype, tiling, pow2, interpret, residuals, grad):
+def _gmm_fp8_bwd(out_dtype, tiling, pow2, interpret, target, residuals, grad):
     del out_dtype
     lhs, wq, ws, group_sizes, group_offset, rhs_dtype_token = residuals
-    gq, gs = quantize_rowwise(grad, power_of_two_scale=pow2, interpret=interpret)
-    swapped = None if tiling is None else Tiling(tiling.tm, tiling.tn, tiling.tk, tiling.sub_m)
+    gq, gs = _quantizers(target, interpret)[0](grad, power_of_two_scale=pow2)
+    swapped = None if tiling is None else tiling._replace(tk=tiling.tn, tn=tiling.tk)
     dlhs = gmm_ops.gmm(
         gq,
         wq,
@@ -105,6 +119,7 @@ def _gmm_fp8_bwd(out_dtype, tiling, pow2, interpret, residuals, grad):
         preferred_element_type=lhs.dtype,
         tiling=swapped,
         interpret=interpret,
+        target=target,
     )
     drhs = gmm_ops.tgmm(
         lhs,
@@ -115,6 +130,7 @@ def _gmm_fp8_bwd(out_dtype, tiling, pow2, interpret, residuals, grad):
         preferred_element_type=rhs_dtype_token.dtype,
         tiling=tiling,
         interpret=interpret,
+        target=target,
     )
     return match_cotangent(dlhs, lhs), match_cotangent(drhs, wq), None, None
 
@@ -124,7 +140,13 @@ _gmm_fp8.defvjp(_gmm_fp8_fwd, _gmm_fp8_bwd)
 
 @functools.partial(
     jax.jit,
-    static_argnames=("preferred_element_type", "tiling", "power_of_two_scale", "interpret"),
+    static_argnames=(
+        "preferred_element_type",
+        "tiling",
+        "power_of_two_scale",
+        "interpret",
+        "target",
+    ),
 )
 def gmm_fp8(
     lhs: jax.Array,
@@ -136,6 +158,7 @@ def gmm_fp8(
     tiling: Tiling | tuple[int, ...] | None = None,
     power_of_two_scale: bool = False,
     interpret=False,
+    target: str | None = None,
 ) -> jax.Array:
     """`gmm` computed in FP8 with block scaling, differentiable (see the module docstring).
 
@@ -143,10 +166,14 @@ def gmm_fp8(
       lhs: [m, k] bf16/fp32, rows sorted by group; rhs: [G_local, k, n] bf16/fp32 weights.
       group_sizes, group_offset: as for `pallas_kernels.gmm.gmm`.
       preferred_element_type: output dtype (SPEC: bf16).
-      tiling: forward-dims tiling; tk and tn must be multiples of 128 (or the full dims).
+      tiling: forward-dims tiling; on TPU tk and tn must be multiples of 128 (or the full
+        dims), on GPU (`GpuTiling`) tk must divide 128.
+      target: "tpu" or "gpu" kernels (default: "gpu" on a GPU backend, else "tpu"); on GPU
+        the quantizers are the jnp reference, fused by XLA.
     """
-    if tiling is not None and not isinstance(tiling, Tiling):
-        tiling = Tiling(*tiling)
+    target = gmm_ops.resolve_target(target)
+    if tiling is not None and not isinstance(tiling, (Tiling, GpuTiling)):
+        tiling = (GpuTiling if target == "gpu" else Tiling)(*tiling)
     goff = jnp.asarray(group_offset, jnp.int32).reshape(())
     return _gmm_fp8(
         lhs,
@@ -157,4 +184,5 @@ def gmm_fp8(
         tiling,
         power_of_two_scale,
         interpret,
+        target,
     )

@@ -58,7 +58,7 @@ def _device_kind() -> str | None:
     return jax.devices()[0].device_kind if jax.default_backend() == "tpu" else None
 
 
-def _resolve_target(target: str | None) -> str:
+def resolve_target(target: str | None) -> str:
     if target is None:
         return "gpu" if jax.default_backend() == "gpu" else "tpu"
     if target not in TARGETS:
@@ -319,7 +319,7 @@ def gmm(
     if not scaled and jnp.dtype(lhs.dtype).itemsize == 1:
         raise ValueError(f"lhs has dtype {lhs.dtype}: 8-bit operands need lhs_scale/rhs_scale.")
     out_dtype = jnp.dtype(preferred_element_type or (jnp.bfloat16 if scaled else lhs.dtype))
-    target = _resolve_target(target)
+    target = resolve_target(target)
     t = _resolve_tiling(tiling, m, k, n, lhs.dtype, out_dtype, target)
     goff = jnp.asarray(group_offset, jnp.int32).reshape(())
     if not scaled:
@@ -382,7 +382,7 @@ def tgmm(
     _check_group_sizes(group_sizes, num_local)
     (m, k), n = lhs.shape, grad.shape[1]
     out_dtype = jnp.dtype(preferred_element_type)
-    target = _resolve_target(target)
+    target = resolve_target(target)
     t = _resolve_tiling(tiling, m, k, n, lhs.dtype, out_dtype, target)
     goff = jnp.asarray(group_offset, jnp.int32).reshape(())
     return _tgmm_impl(lhs, grad, group_sizes, goff, num_local, out_dtype, t, interpret, target)

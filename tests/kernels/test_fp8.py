@@ -10,7 +10,7 @@ import pytest
 
 from pallas_kernels.fp8 import gmm_fp8, ops, tpu
 from pallas_kernels.fp8 import reference as ref
-from pallas_kernels.gmm import Tiling, gmm_reference, tgmm_reference
+from pallas_kernels.gmm import GpuTiling, Tiling, gmm_reference, tgmm_reference
 
 
 def bits(q: jax.Array) -> np.ndarray:
@@ -111,11 +111,14 @@ def fp8_inputs(seed=0):
     return lhs, rhs, cot
 
 
-def test_gmm_fp8_forward_and_grads():
+@pytest.mark.parametrize(
+    "target,tiling", [("tpu", TILING), ("gpu", GpuTiling(32, 64, 64))], ids=["tpu", "gpu"]
+)
+def test_gmm_fp8_forward_and_grads(target, tiling):
     lhs, rhs, cot = fp8_inputs()
 
     def loss(a, b):
-        out = gmm_fp8(a, b, SIZES, tiling=TILING, interpret=True)
+        out = gmm_fp8(a, b, SIZES, tiling=tiling, interpret=True, target=target)
         return jnp.vdot(out.astype(jnp.float32), cot), out
 
     (_, out), (dlhs, drhs) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(lhs, rhs)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.fp8 import gmm_fp8
 from pallas_kernels.fp8 import reference as fp8_ref
 from pallas_kernels.gmm import GpuTiling, gmm, gmm_reference, tgmm, tgmm_reference, tuning
 from tests.kernels import gmm_checks
@@ -222,3 +223,15 @@ def test_gmm_fp8_forward_lowers_to_triton_for_cuda():
     )
     text, modules = triton_modules(fn, *specs)
     assert_triton_kernels(text, modules, ["gmm"])
+
+
+def test_gmm_fp8_gradient_lowers_to_triton_for_cuda():
+    """The differentiable FP8 recipe (`gmm_fp8`): quantizers in XLA, the three GEMMs in Triton."""
+
+    def loss(lhs, rhs, sizes, cot):
+        out = gmm_fp8(lhs, rhs, sizes, group_offset=sizes[0] % 3, target="gpu")
+        return jnp.vdot(out.astype(F32), cot)
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1))
+    text, modules = triton_modules(fn, *GMM_SPECS, S((1000, 200), F32))
+    assert_triton_kernels(text, modules, ["gmm", "gmm_transposed_rhs", "tgmm"])

@@ -7,9 +7,9 @@
                                                         two experts), else in the input dtype
 
 `moe.backend = "pallas"` with a native mode and wgrad="input" runs the Pallas FP8 kernel
-`pallas_kernels.fp8.gmm_fp8` (E4M3 operands on TPU). Every other combination emulates:
-quantize -> dequantize to fp32, then the configured grouped matmul in fp32 at HIGHEST precision
-under a `custom_vjp` that quantizes the gradients as above.
+`pallas_kernels.fp8.gmm_fp8` (E4M3 operands: Mosaic kernels on TPU, Triton on GPU). Every
+other combination emulates: quantize -> dequantize to fp32, then the configured grouped matmul
+in fp32 at HIGHEST precision under a `custom_vjp` that quantizes the gradients as above.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def fp8_grouped_matmul(
             group_sizes,
             preferred_element_type=out_dtype,
             power_of_two_scale=power_of_two_scale,
-            interpret=jax.default_backend() != "tpu",
+            interpret=jax.default_backend() not in ("tpu", "gpu"),
         )
     return _emulated(
         lhs, rhs, group_sizes, backend, tile_rows, power_of_two_scale, wgrad_fp8, out_dtype
