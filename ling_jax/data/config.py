@@ -82,6 +82,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # `build_datasets` overrides `shuffle_seed` when given.
     cfg.shuffle = True
     cfg.shuffle_seed = 0
+    # Packed rows shuffled in consecutive windows of this many rows, per component (0 = off).
+    # Packing lays a long document out as consecutive rows (a 700 KB source file fills ~1000
+    # rows), so without it a few documents can fill the end of a short run. Checkpointable;
+    # the first batch waits for the first window to be tokenized.
+    cfg.row_shuffle_window = 0
     # Passes over the training documents; 0 repeats forever (the trainer counts steps). With
     # several components, training ends when the first runs out. Hosts hold different numbers
     # of tokens, so multi-host runs should repeat forever and stop on a step count.
@@ -172,6 +177,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
         _fail("validation_split_by", cfg.validation_split_by, "'document' or 'group'")
     if cfg.validation_max_batches < 0:
         _fail("validation_max_batches", cfg.validation_max_batches, ">= 0 (0 = all)")
+    if cfg.row_shuffle_window < 0:
+        _fail("row_shuffle_window", cfg.row_shuffle_window, ">= 0 (0 = off)")
     if not 0 <= cfg.shuffle_seed < 2**32:
         _fail("shuffle_seed", cfg.shuffle_seed, "in [0, 2**32)")
     if cfg.process_sharding not in ("documents", "rows"):

@@ -5,7 +5,7 @@ For every training component (stdlib / arithmetic for the embedded corpus, or ea
 
   documents --split(hash)--> train docs --[process_index::process_count]--> shuffle(seed)
     --> repeat(num_epochs) --> tokenize (+EOS, shift) --> to_iter_dataset (threads)
-    --> ConcatThenSplit packing --> rows [seq_len]
+    --> ConcatThenSplit packing --> rows [seq_len] --> window shuffle (row_shuffle_window)
 
 and the components' rows are interleaved in their mixture proportions, then batched into
 [batch_size, seq_len] numpy arrays. Everything before packing is a grain `MapDataset` indexed
@@ -220,9 +220,14 @@ def _train_rows(
         docs = docs.shuffle(seed)
     docs = docs.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
     examples = docs.map(TokenizeDocument(tokenizer, add_eos=cfg.add_eos))
-    return pack_examples(
+    rows = pack_examples(
         examples.to_iter_dataset(_read_options(cfg)), seq_len=cfg.seq_len, pad_id=tokenizer.pad_id
     )
+    if cfg.shuffle and cfg.row_shuffle_window:
+        rows = grain_experimental.WindowShuffleIterDataset(
+            rows, window_size=cfg.row_shuffle_window, seed=seed
+        )
+    return rows
 
 
 class _PadToCountIterDataset(grain.IterDataset):

@@ -29,6 +29,7 @@ def test_default_config_validates():
         ("read_threads", 0),
         ("validation_max_batches", -2),
         ("validation_split_by", "file"),
+        ("row_shuffle_window", -1),
     ],
 )
 def test_bad_field_is_named(field, value):
