@@ -21,8 +21,8 @@ whole held-out split, made of whole top-level stdlib packages (`data.validation_
 held-out files included codec tables whose near-twins were trained on, and one file was 20%
 of the split. Training rows are shuffled in windows of 4096 (`data.row_shuffle_window`): packing
 lays each file out as consecutive rows, so a rung's final LR decay otherwise saw a few files
-(about half of the s rung's decay was typing.py and enum.py), different for every rung. All five run in about
-30 minutes on a 2-core CPU.
+(about half of the s rung's decay was typing.py and enum.py), different for every rung. All
+five run in about 30 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
