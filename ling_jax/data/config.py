@@ -83,8 +83,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.shuffle = True
     cfg.shuffle_seed = 0
     # Packed rows shuffled in consecutive windows of this many rows, per component (0 = off).
-    # Packing lays a long document out as consecutive rows (a 700 KB source file fills ~1000
-    # rows), so without it a few documents can fill the end of a short run. Checkpointable;
+    # Packing lays a long document out as consecutive rows (a 700 KB source file fills over a
+    # thousand rows), so without it a few documents can fill the end of a short run. Checkpointable;
     # the first batch waits for the first window to be tokenized.
     cfg.row_shuffle_window = 0
     # Passes over the training documents; 0 repeats forever (the trainer counts steps). With

@@ -359,27 +359,23 @@ class DocumentSource:
 
     def keys(self) -> np.ndarray:
         """Stable per-document keys, [len(self)] uint64, from (file name, record index)."""
-        keys = np.concatenate(
-            [np.zeros((0,), np.uint64)]
-            + [
-                document_keys(n, r.num_records)
-                for n, r in zip(self.names, self.readers, strict=True)
-            ]
+        return self._select(
+            document_keys(n, r.num_records) for n, r in zip(self.names, self.readers, strict=True)
         )
-        return keys if self._indices is None else keys[self._indices]
 
     def group_keys(self) -> np.ndarray:
         """[len(self)] uint64: one key per group, shared by all its documents (a hash of the
         group's name); a document of a file without a group keeps its own key."""
-        keys = np.concatenate(
-            [np.zeros((0,), np.uint64)]
-            + [
-                document_keys(n, r.num_records)
-                if g is None
-                else np.repeat(_mix64(np.array([name_hash(g)], np.uint64)), r.num_records)
-                for n, g, r in zip(self.names, self.groups, self.readers, strict=True)
-            ]
+        return self._select(
+            document_keys(n, r.num_records)
+            if g is None
+            else np.repeat(_mix64(np.array([name_hash(g)], np.uint64)), r.num_records)
+            for n, g, r in zip(self.names, self.groups, self.readers, strict=True)
         )
+
+    def _select(self, per_file_keys) -> np.ndarray:
+        """The files' keys concatenated, restricted to this source's documents."""
+        keys = np.concatenate([np.zeros((0,), np.uint64), *per_file_keys])
         return keys if self._indices is None else keys[self._indices]
 
     def subset(self, indices: np.ndarray) -> DocumentSource:
