@@ -1,4 +1,5 @@
-"""Helpers shared by the kernels: typing pallas_call inside `jax.shard_map`.
+"""Helpers shared by the kernels: typing pallas_call inside `jax.shard_map`, and whether a
+device has FP8 matrix units.
 
 With `check_vma=True` (the default), values inside `shard_map` carry the set of manual mesh
 axes they vary over, and a pallas_call must declare its outputs' set. A kernel's output varies
@@ -33,6 +34,17 @@ def vary_like(tree, axes: frozenset[str]):
 
 def out_struct(shape, dtype, axes: frozenset[str]) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType(varying=axes))
+
+
+def fp8_capable(device: jax.Device) -> bool:
+    """Whether a device multiplies E4M3 natively: GPUs of compute capability >= 8.9 (Ada,
+    Hopper, Blackwell) and TPU v7."""
+    if device.platform == "gpu":
+        capability = getattr(device, "compute_capability", None)
+        return capability is not None and float(capability) >= 8.9
+    if device.platform == "tpu":
+        return device.device_kind.startswith(("TPU7", "TPU v7"))
+    return False
 
 
 def match_cotangent(cotangent: jax.Array, primal: jax.Array) -> jax.Array:

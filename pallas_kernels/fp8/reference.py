@@ -71,13 +71,28 @@ def quantize_rowwise(
     return q, scale
 
 
+def e4m3_values(q: jax.Array) -> jax.Array:
+    """fp32 values of E4M3 `q`, decoded from its bits (NaN codes are never produced here).
+
+    Not `q.astype(float32)`: with its default excess-precision setting XLA:GPU collapses a
+    chain of float converts, so in one program `float32(float8(x))` becomes x and a
+    quantize-dequantize round trip would not round at all. Integer ops on the bits cannot be
+    collapsed. For bits s eeee mmm: (-1)^s (8 + m) 2^(e - 10), or m 2^-9 when e = 0.
+    """
+    bits = jax.lax.bitcast_convert_type(q, jnp.uint8).astype(jnp.int32)
+    exponent, mantissa = (bits >> 3) & 15, bits & 7
+    significand = jnp.where(exponent > 0, mantissa + 8, mantissa).astype(jnp.float32)
+    power = jax.lax.bitcast_convert_type((jnp.maximum(exponent, 1) + 117) << 23, jnp.float32)
+    return jnp.where(bits >= 128, -1.0, 1.0) * significand * power  # 2^(max(e, 1) - 10)
+
+
 def dequantize_rowwise(
     q: jax.Array, scale: jax.Array, tile: int = BLOCK, dtype=jnp.float32
 ) -> jax.Array:
     """Inverse of `quantize_rowwise`: [m, k] q * its tile's scale."""
     k = q.shape[1]
     full = jnp.repeat(scale, tile, axis=1, total_repeat_length=scale.shape[1] * tile)[:, :k]
-    return (q.astype(jnp.float32) * full).astype(dtype)
+    return (e4m3_values(q) * full).astype(dtype)
 
 
 def quantize_blockwise(
@@ -110,4 +125,4 @@ def dequantize_blockwise(
 ) -> jax.Array:
     """Inverse of `quantize_blockwise`."""
     full = expand_block_scale(scale, q.shape[-2:], block)
-    return (q.astype(jnp.float32) * full).astype(dtype)
+    return (e4m3_values(q) * full).astype(dtype)

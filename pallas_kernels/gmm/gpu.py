@@ -24,8 +24,10 @@ tgmm: out [g, k, n] = lhs[rows of g]^T @ grad[rows of g]. Grid (k blocks, n bloc
 Numerics: accumulation in fp32; fp32 operands multiply at full fp32 precision (IEEE, not TF32),
 16-bit ones natively. FP8: with `lhs_scale` ([m, r / 128]) and `rhs_scale` (expanded to
 [num_local, r / 128, c], as for the TPU kernel), tk must divide 128, so each reduction step has
-one scale per row and one per column: acc += (x @ w) * lhs_scale[rows] * rhs_scale[cols]. E4M3
-operands are upcast to bf16 in registers (exact) before the dot; native FP8 wgmma is not used.
+one scale per row and one per column: acc += (x @ w) * lhs_scale[rows] * rhs_scale[cols]. Two
+E4M3 operands go into Triton's dot as they are (FP8 tensor-core instructions on compute
+capability >= 8.9; `native_fp8_dot`); on older GPUs they are upcast to bf16 in registers
+(exact) first. Either way each product is exact and the sums are fp32.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import out_struct, vary_like, varying_axes
+from pallas_kernels.common import fp8_capable, out_struct, vary_like, varying_axes
 from pallas_kernels.gmm.cost import gmm_cost, tgmm_cost
 from pallas_kernels.gmm.metadata import Schedule
 from pallas_kernels.gmm.tuning import GpuTiling
@@ -49,9 +51,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def native_fp8_dot() -> bool:
+    """Whether Triton may multiply E4M3 operands natively (compute capability >= 8.9: Ada,
+    Hopper, Blackwell). Without an attached GPU (interpret mode, export for CUDA) we assume our
+    Hopper target."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return True
+    return fp8_capable(device)
+
+
 def _compute_dtype(*dtypes) -> jnp.dtype:
+    """The dtype the dot sees: E4M3 pairs stay E4M3 where the GPU multiplies them natively
+    (exact products, fp32 accumulation), other 1-byte types go to bf16 (exact for E4M3)."""
     dtype = jnp.result_type(*dtypes)
-    return jnp.dtype(jnp.bfloat16) if dtype.itemsize == 1 else dtype
+    if dtype.itemsize != 1:
+        return dtype
+    if all(jnp.dtype(d) == jnp.float8_e4m3fn for d in dtypes) and native_fp8_dot():
+        return jnp.dtype(jnp.float8_e4m3fn)
+    return jnp.dtype(jnp.bfloat16)
 
 
 def _dot(x, w, dims):

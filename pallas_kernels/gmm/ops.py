@@ -386,3 +386,48 @@ def tgmm(
     t = _resolve_tiling(tiling, m, k, n, lhs.dtype, out_dtype, target)
     goff = jnp.asarray(group_offset, jnp.int32).reshape(())
     return _tgmm_impl(lhs, grad, group_sizes, goff, num_local, out_dtype, t, interpret, target)
+
+
+def scaled_matmul_gpu(
+    lq: jax.Array,
+    ls: jax.Array,
+    rq: jax.Array,
+    rs: jax.Array,
+    *,
+    out_dtype: DTypeLike = jnp.float32,
+    tiling: GpuTiling | tuple[int, ...] | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Dense [m, n] = (lq * ls) @ (rq * rs) with per-128-slice scales along k, forward only.
+
+    lq: [m, k] E4M3; ls: [m, ceil(k / 128)] (one scale per 1 x 128 tile of a row);
+    rq: [k, n] E4M3; rs: [ceil(k / 128), n] (one per 128 x 1 tile of a column).
+    The Triton gmm kernel with one group of m rows: each reduction step's FP8 product is scaled
+    in registers and added to the fp32 accumulator (DeepGEMM's promotion), so no per-slice
+    partial products go through memory.
+    """
+    (m, k), n = lq.shape, rq.shape[1]
+    kb = _cdiv(k, _SCALE_BLOCK)
+    if rq.shape[0] != k or ls.shape != (m, kb) or rs.shape != (kb, n):
+        raise ValueError(
+            f"scaled_matmul_gpu expects lq [m, k], ls [m, {kb}], rq [k, n], rs [{kb}, n]; got "
+            f"{lq.shape}, {ls.shape}, {rq.shape}, {rs.shape}."
+        )
+    t = default_gpu_tiling(m, k, n, dtype=lq.dtype) if tiling is None else tiling
+    t = validate_gpu_tiling(t)
+    one_group = jnp.asarray([m], jnp.int32)
+    sched = metadata.gmm_schedule(
+        one_group, m=m, tm=t.tm, num_reduction_blocks=_cdiv(k, t.tk), group_offset=0, num_local=1
+    )
+    return gpu.gmm_call(
+        lq,
+        rq[None],
+        sched,
+        jnp.int32(0),
+        tiling=t,
+        transpose_rhs=False,
+        out_dtype=jnp.dtype(out_dtype),
+        lhs_scale=ls.astype(jnp.float32),
+        rhs_scale=rs[None].astype(jnp.float32),
+        interpret=interpret,
+    )

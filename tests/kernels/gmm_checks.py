@@ -27,14 +27,16 @@ def make_inputs(seed: int, dtype, dims: tuple[int, int, int], num_local: int, tr
 
 
 @functools.cache
-def value_and_grads(fn_name: str, tiling, transpose_rhs: bool, target: str | None):
+def value_and_grads(
+    fn_name: str, tiling, transpose_rhs: bool, target: str | None, interpret: bool = True
+):
     """jit(lhs, rhs, sizes, offset, cot) -> (out, (d lhs, d rhs)) of sum(out * cot)."""
 
     def fn(lhs, rhs, sizes, offset):
         kwargs = dict(group_offset=offset, transpose_rhs=transpose_rhs)
         if fn_name == "reference":
             return gmm_reference(lhs, rhs, sizes, **kwargs)
-        return gmm(lhs, rhs, sizes, tiling=tiling, interpret=True, target=target, **kwargs)
+        return gmm(lhs, rhs, sizes, tiling=tiling, interpret=interpret, target=target, **kwargs)
 
     def loss(lhs, rhs, sizes, offset, cot):
         out = fn(lhs, rhs, sizes, offset)
@@ -55,6 +57,7 @@ def check_against_reference(
     transpose_rhs: bool = False,
     seed: int = 0,
     target: str | None = None,
+    interpret: bool = True,
 ):
     """The kernel's output and gradients equal the reference's; rows outside the local groups
     are exactly zero, with exactly zero gradient."""
@@ -62,7 +65,7 @@ def check_against_reference(
     lhs, rhs, cot = make_inputs(seed, dtype, dims, num_local, transpose_rhs)
     sizes = jnp.asarray(sizes, jnp.int32)
     offset = jnp.int32(offset)
-    kernel = value_and_grads("kernel", tiling, transpose_rhs, target)
+    kernel = value_and_grads("kernel", tiling, transpose_rhs, target, interpret)
     out, grads = kernel(lhs, rhs, sizes, offset, cot)
     ref_out, ref_grads = value_and_grads("reference", None, transpose_rhs, None)(
         lhs, rhs, sizes, offset, cot

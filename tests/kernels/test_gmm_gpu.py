@@ -1,5 +1,10 @@
-"""The Triton (GPU) gmm/tgmm kernels: interpret-mode values and gradients against the jnp
-references, and lowering to Triton for CUDA from this CPU-only machine.
+"""The Triton (GPU) gmm/tgmm kernels: values and gradients against the jnp references, and
+lowering to Triton for CUDA from a CPU-only machine.
+
+The value tests run the kernels in interpret mode on the CPU, and compiled where jax's default
+backend is a GPU: `JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest
+tests/kernels/test_gmm_gpu.py` checks the real kernels on a GPU (the precision flag keeps the
+fp32 references off TF32).
 
 As in test_gmm.py, shapes are fixed and deliberately not multiples of the blocks, and the
 interpreter pads overhanging loads and uninitialised outputs with NaN, so an unmasked read or
@@ -22,7 +27,15 @@ import pytest
 
 from pallas_kernels.fp8 import gmm_fp8
 from pallas_kernels.fp8 import reference as fp8_ref
-from pallas_kernels.gmm import GpuTiling, gmm, gmm_reference, tgmm, tgmm_reference, tuning
+from pallas_kernels.gmm import (
+    GpuTiling,
+    gmm,
+    gmm_reference,
+    scaled_matmul_gpu,
+    tgmm,
+    tgmm_reference,
+    tuning,
+)
 from tests.kernels import gmm_checks
 
 M, K, N, G = 64, 72, 40, 5
@@ -36,6 +49,8 @@ GROUP_SIZES = {
 }
 TRITON_CALL = "__gpu$xla.gpu.triton"  # jaxlib <= 0.10.2; later ones compile to an FFI call.
 TRITON_CALL_NAMES = (TRITON_CALL, "triton_kernel_call")
+H100_KIND = "NVIDIA H100 80GB HBM3"
+INTERPRET = jax.default_backend() != "gpu"  # Compiled Triton kernels where a GPU is attached.
 
 
 def make_inputs(seed: int, dtype, num_local: int = G, transpose_rhs: bool = False):
@@ -44,7 +59,14 @@ def make_inputs(seed: int, dtype, num_local: int = G, transpose_rhs: bool = Fals
 
 def check_against_reference(sizes, dtype, *, tiling=TILING, num_local=G, **kwargs):
     return gmm_checks.check_against_reference(
-        sizes, dtype, dims=(M, K, N), tiling=tiling, num_local=num_local, target="gpu", **kwargs
+        sizes,
+        dtype,
+        dims=(M, K, N),
+        tiling=tiling,
+        num_local=num_local,
+        target="gpu",
+        interpret=INTERPRET,
+        **kwargs,
     )
 
 
@@ -78,7 +100,7 @@ def test_tgmm(offset, num_local):
     lhs, _, grad = make_inputs(1, jnp.float32)
     sizes = jnp.asarray(GROUP_SIZES["first_and_last_empty"], jnp.int32)
     kwargs = dict(num_local=num_local, group_offset=offset)
-    got = tgmm(lhs, grad, sizes, tiling=TILING, interpret=True, target="gpu", **kwargs)
+    got = tgmm(lhs, grad, sizes, tiling=TILING, interpret=INTERPRET, target="gpu", **kwargs)
     want = tgmm_reference(lhs, grad, sizes, **kwargs)
     assert got.shape == (num_local, K, N)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -103,12 +125,29 @@ def test_gmm_fp8_operands(transpose_rhs):
         sizes,
         tiling=GpuTiling(16, 64, 32),
         preferred_element_type=jnp.float32,
-        interpret=True,
+        interpret=INTERPRET,
         target="gpu",
         **kwargs,
     )
     want = gmm_reference(lq, wq, sizes, preferred_element_type=jnp.float32, **kwargs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 300, 40), (100, 128, 200)])
+def test_dense_scaled_matmul(m, k, n):
+    """One group of all rows: the dense FP8 product with 1 x 128 row and 128 x 1 column scales
+    (per-column, not block, scales: the FP8 wgrad's form), equal to dequantize-then-matmul."""
+    rng = np.random.default_rng(3)
+    lq, ls = fp8_ref.quantize_rowwise(jnp.asarray(rng.normal(size=(m, k)) * 5, jnp.float32))
+    rq_t, rs_t = fp8_ref.quantize_rowwise(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
+    rq, rs = rq_t.T, rs_t.T  # [k, n], [k / 128, n]
+    got = scaled_matmul_gpu(lq, ls, rq, rs, tiling=GpuTiling(32, 64, 32), interpret=INTERPRET)
+    lhs = lq.astype(jnp.float32) * jnp.repeat(ls, 128, axis=1)[:, :k]
+    rhs = rq.astype(jnp.float32) * jnp.repeat(rs, 128, axis=0)[:k]
+    want = jnp.dot(lhs, rhs, precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3 * float(jnp.abs(want).max()))
+    with pytest.raises(ValueError, match="rs"):
+        scaled_matmul_gpu(lq, ls, rq, rs[:, :-1], interpret=True)
 
 
 def test_rejects_bad_gpu_inputs():
@@ -129,7 +168,7 @@ def test_default_gpu_tiling_rule():
     assert (t.tm, t.num_warps) == (64, 4)  # Small groups: less straddling waste.
     assert tuning.default_gpu_tiling(100, 40, 20, dtype=jnp.float32) == GpuTiling(64, 32, 32)
     t = tuning.default_gpu_tiling(4096, 1024, 2048, dtype=jnp.float32, tgmm=True)
-    assert t == GpuTiling(32, 128, 128, num_warps=8, num_stages=3)
+    assert t == GpuTiling(32, 128, 256, num_warps=8, num_stages=3)
     assert tuning.validate_gpu_tiling(tuning.Tiling(64, 128, 256, 32)) == GpuTiling(64, 128, 256)
 
 
@@ -138,13 +177,18 @@ def test_default_gpu_tiling_rule():
 
 def triton_modules(fn, *arg_specs) -> tuple[str, list[str]]:
     """Export jit(fn) for CUDA; return the StableHLO text and each Triton module's text."""
-    exported = jax.export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        # The Triton custom call carries no serialization-compatibility guarantee; we only
-        # inspect the module, we do not store it.
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-    )(*arg_specs)
+    # Lowering reads the target GPU's compute capability: newer jax takes it from an abstract
+    # device when none is attached (older jax assumes one); name an H100, our Hopper target.
+    h100 = jax.sharding.AbstractDevice(device_kind=H100_KIND, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=h100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            # The Triton custom call carries no serialization-compatibility guarantee; we only
+            # inspect the module, we do not store it.
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(*arg_specs)
     text = exported.mlir_module()
     # Private jax APIs, needed to read the Triton bytecode back: if they move, update here.
     from jax._src.interpreters import mlir as jax_mlir
@@ -223,6 +267,8 @@ def test_gmm_fp8_forward_lowers_to_triton_for_cuda():
     )
     text, modules = triton_modules(fn, *specs)
     assert_triton_kernels(text, modules, ["gmm"])
+    # Native FP8: the dot multiplies the E4M3 tiles as they are (FP8 wgmma on Hopper).
+    assert re.search(r"tt\.dot .*: tensor<\d+x\d+xf8E4M3FN>", modules[0]), modules[0]
 
 
 def test_gmm_fp8_gradient_lowers_to_triton_for_cuda():
