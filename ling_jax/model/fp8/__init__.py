@@ -18,6 +18,7 @@ from ling_jax.model.fp8 import safeguards
 from ling_jax.model.fp8.dense import fp8_contract, fp8_matmul, scaled_matmul
 from ling_jax.model.fp8.grouped import experts_run_native, fp8_grouped_matmul
 from ling_jax.model.fp8.safeguards import probing
+from pallas_kernels.common import fp8_capable
 
 __all__ = [
     "enabled",
@@ -42,14 +43,7 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 def native_hardware(device: jax.Device | None = None) -> bool:
     """Whether the device multiplies E4M3 natively: GPUs of compute capability >= 8.9
     (Ada, Hopper, Blackwell) and TPU v7."""
-    device = device or jax.devices()[0]
-    if device.platform == "gpu":
-        capability = getattr(device, "compute_capability", None)
-        return capability is not None and float(capability) >= 8.9
-    if device.platform == "tpu":
-        kind = device.device_kind
-        return kind.startswith("TPU7") or kind.startswith("TPU v7")
-    return False
+    return fp8_capable(device or jax.devices()[0])
 
 
 def resolve_native(fp8_config: ml_collections.ConfigDict) -> bool:

@@ -10,10 +10,12 @@ E4M3 values, fp32 scales, fp32 accumulation, outputs in the caller's dtype. The 
 straight-through: gradients flow as if Q were the identity, apart from the FP8 backward GEMMs.
 
 Two ways to run the same numerics (`native`):
-  native    E4M3 operands go into `lax.dot_general` (preferred fp32), one product per 128-deep
-            slice of the reduction, each scaled by its tiles' scales and summed in fp32: the
-            promotion DeepGEMM and TE's blockwise GEMMs do. XLA lowers E4M3 dots to the FP8
-            GEMMs of H100 / TPU v7. It holds [k / 128, m, n] fp32 partial products.
+  native    E4M3 operands multiplied by FP8 matrix units, one product per 128-deep slice of
+            the reduction, each scaled by its tiles' scales and summed in fp32: the promotion
+            DeepGEMM and TE's blockwise GEMMs do. On a GPU the Triton gmm kernel with one
+            group (`pallas_kernels.gmm.scaled_matmul_gpu`) scales each slice's product in
+            registers; elsewhere (TPU v7) E4M3 operands go into a batched `lax.dot_general`
+            (preferred fp32) that holds [k / 128, m, n] fp32 partial products.
   emulated  dequantize (E4M3 value x fp32 scale, exact in fp32) and one fp32 matmul at HIGHEST
             precision. Equal to native up to fp32 summation order; runs anywhere.
 """
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import match_cotangent
 from pallas_kernels.fp8 import reference as ref
+from pallas_kernels.gmm import scaled_matmul_gpu
 
 TILE = ref.BLOCK
 
@@ -56,15 +59,22 @@ def scaled_matmul(
     rq: [k, n] E4M3, rs: [ceil(k / 128), n] (one scale per 128 x 1 tile of a column; a
     128 x 128 block scale is that repeated over the block's columns).
     """
-    m, k = lq.shape
-    n = rq.shape[1]
+    k = lq.shape[1]
     if not native:
-        lhs = lq.astype(jnp.float32) * _expand(ls, 1, k)
-        rhs = rq.astype(jnp.float32) * _expand(rs, 0, k)
+        lhs = ref.e4m3_values(lq) * _expand(ls, 1, k)
+        rhs = ref.e4m3_values(rq) * _expand(rs, 0, k)
         return jnp.dot(
             lhs, rhs, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
         )
-    kb = ls.shape[1]
+    if jax.default_backend() == "gpu":
+        return scaled_matmul_gpu(lq, ls, rq, rs)
+    return batched_scaled_matmul(lq, ls, rq, rs)
+
+
+def batched_scaled_matmul(lq: jax.Array, ls: jax.Array, rq: jax.Array, rs: jax.Array):
+    """`scaled_matmul` as one batched E4M3 dot_general over the 128-deep slices of k."""
+    m = lq.shape[0]
+    n, kb = rq.shape[1], ls.shape[1]
     lhs = _pad_k(lq, 1).reshape(m, kb, TILE)  # Zero padding adds nothing to a product.
     rhs = _pad_k(rq, 0).reshape(kb, TILE, n)
     partial = jax.lax.dot_general(

@@ -60,7 +60,7 @@ def qdq_columns_per_group(x: jax.Array, group_sizes: jax.Array, pow2: bool) -> j
     scale = ref.compute_scale(jnp.maximum(amax, 0.0), pow2)  # Empty tiles: -inf -> 0 -> 1.
     row_scale = jnp.take(scale, tile, axis=0, mode="fill", fill_value=0.0)  # [m, k]
     safe = jnp.where(row_scale == 0, 1.0, row_scale)
-    return ref.scale_and_cast(xf, safe).astype(jnp.float32) * row_scale
+    return ref.e4m3_values(ref.scale_and_cast(xf, safe)) * row_scale
 
 
 def _gmm(lhs, rhs, group_sizes, backend, tile_rows, out_dtype):

@@ -57,7 +57,7 @@ def round_trip_stats(x: jax.Array, q: jax.Array, x_dq: jax.Array) -> dict[str, j
     x = x.astype(jnp.float32)
     x_dq = x_dq.astype(jnp.float32)
     nonzero = x != 0
-    flushed = nonzero & (q.astype(jnp.float32) == 0)
+    flushed = nonzero & (ref.e4m3_values(q) == 0)
     underflow = flushed.sum() / jnp.maximum(nonzero.sum(), 1)
     dot = jnp.sum(x * x_dq)
     norms = jnp.sqrt(jnp.sum(x * x)) * jnp.sqrt(jnp.sum(x_dq * x_dq))
