@@ -6,15 +6,18 @@ fixed-seed) group sizes. The baseline is the dense batched matmul
 routing overhead. Each function is the jitted value-and-grad of sum(out * cotangent) w.r.t. both
 operands, timed in the same run (median after warm-up).
 
-    python -m benchmarks.grouped_matmul [--skip_ragged_dot] [--gpu_tiling TM,TK,TN[,WARPS,STAGES]]
+    python -m benchmarks.grouped_matmul [--skip_ragged_dot] [--gpu_only]
+        [--gpu_tiling TM,TK,TN[,WARPS,STAGES]]
 
 Prints one line per shape with `xla_over_dense=<ratio>` and `ragged_dot_over_dense=<ratio>`.
 
 On a GPU it then times, at larger bf16 shapes (`GPU_SHAPES`), the Pallas Triton kernels
 (`pallas_kernels.gmm` with target="gpu": forward gmm; backward gmm on the transposed weights and
-tgmm) against `jax.lax.ragged_dot` and the dense batched matmul, forward and forward + backward,
-printing ms, TFLOP/s of useful work (2 m k n per product) and the ratio to dense, plus the
-largest error of the kernel's output against ragged_dot's. Elsewhere that part is skipped with
+tgmm), their FP8 recipe (`gmm_fp8`: E4M3 forward and d lhs, bf16 d rhs, quantizers included)
+against `jax.lax.ragged_dot` and the dense batched matmul (cuBLAS), forward and forward +
+backward, printing ms, TFLOP/s of useful work (2 m k n per product) and the ratio to dense,
+plus the largest error of the bf16 kernel's output against ragged_dot's and the FP8 output's
+relative error. Elsewhere that part is skipped with
 the reason printed.
 """
 
@@ -29,6 +32,7 @@ import numpy as np
 
 from benchmarks.common import median_seconds
 from ling_jax.model.moe.grouped_matmul import default_tile_rows, grouped_matmul
+from pallas_kernels.fp8 import gmm_fp8
 from pallas_kernels.gmm import GpuTiling, gmm
 
 # (tokens, top_k, num_groups, k = d_model, n = d_expert): CPU-sized, ragged_dot still affordable.
@@ -97,24 +101,38 @@ def bench_gpu_shape(tokens, top_k, num_groups, k, n, tiling: GpuTiling | None) -
             lambda a, b, s: gmm(a, b, s, tiling=tiling, target="gpu"),
             (lhs, rhs, group_sizes),
         ),
+        "pallas_gpu_fp8": (
+            lambda a, b, s: gmm_fp8(a, b, s, tiling=tiling, target="gpu"),
+            (lhs, rhs, group_sizes),
+        ),
         "ragged_dot": (jax.lax.ragged_dot, (lhs, rhs, group_sizes)),
         "dense": (
             lambda a, b: jnp.einsum("gtk,gkn->gtn", a, b),
             (lhs.reshape(num_groups, -1, k), rhs),
         ),
     }
-    times, outputs = {}, {}
+    times, outputs, failures = {}, {}, {}
     for name, (fn, args) in impls.items():
         forward = jax.jit(fn)
         cot = cotangent if name != "dense" else cotangent.reshape(num_groups, -1, n)
         step = fwd_bwd(fn)
         outputs[name] = forward(*args)
-        times[name] = (
-            median_seconds(functools.partial(forward, *args)),
-            median_seconds(functools.partial(step, *args, cot)),
-        )
-    error = jnp.max(jnp.abs(outputs["pallas_gpu"] - outputs["ragged_dot"]).astype(jnp.float32))
-    return {"times": times, "max_abs_err_vs_ragged_dot": float(error)}
+        fwd_seconds = median_seconds(functools.partial(forward, *args))
+        try:
+            step_seconds = median_seconds(functools.partial(step, *args, cot))
+        except jax.errors.JaxRuntimeError as e:  # e.g. ragged_dot's backward out of memory.
+            step_seconds = float("nan")
+            failures[name] = f"{name} fwd+bwd failed: {str(e).splitlines()[0][:120]}"
+        times[name] = (fwd_seconds, step_seconds)
+    want = outputs["ragged_dot"].astype(jnp.float32)
+    error = jnp.max(jnp.abs(outputs["pallas_gpu"].astype(jnp.float32) - want))
+    fp8_error = jnp.linalg.norm(outputs["pallas_gpu_fp8"].astype(jnp.float32) - want)
+    return {
+        "times": times,
+        "failures": failures,
+        "max_abs_err_vs_ragged_dot": float(error),
+        "fp8_rel_err_vs_ragged_dot": float(fp8_error / jnp.linalg.norm(want)),
+    }
 
 
 def report_gpu(tiling: GpuTiling | None) -> None:
@@ -141,14 +159,20 @@ def report_gpu(tiling: GpuTiling | None) -> None:
         )
         print(
             f"m={m} groups={num_groups} k={k} n={n} | " + " | ".join(fields) + f" | {ratios} | "
-            f"max_abs_err_vs_ragged_dot={result['max_abs_err_vs_ragged_dot']:.3g}",
+            f"max_abs_err_vs_ragged_dot={result['max_abs_err_vs_ragged_dot']:.3g} "
+            f"fp8_rel_err_vs_ragged_dot={result['fp8_rel_err_vs_ragged_dot']:.2g}",
             flush=True,
         )
+        for failure in result["failures"].values():
+            print(f"  {failure}", flush=True)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip_ragged_dot", action="store_true")
+    parser.add_argument(
+        "--gpu_only", action="store_true", help="only the GPU table (skip the CPU-sized shapes)"
+    )
     parser.add_argument(
         "--gpu_tiling",
         default=None,
@@ -158,6 +182,9 @@ def main(argv=None) -> None:
     tiling = None
     if args.gpu_tiling:
         tiling = GpuTiling(*(int(x) for x in args.gpu_tiling.split(",")))
+    if args.gpu_only:
+        report_gpu(tiling)
+        return
     print(f"device: {jax.devices()[0].device_kind}, fp32, fwd+bwd, median ms")
     for tokens, top_k, num_groups, k, n in SHAPES:
         m = tokens * top_k
