@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gmm import gmm, gmm_reference
+from pallas_kernels.fp8 import reference as fp8_ref
+from pallas_kernels.gmm import gmm, gmm_reference, tgmm, tgmm_reference
 
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=2e-1)}
 
@@ -82,3 +83,30 @@ def check_against_reference(
     assert np.all(np.float32(out)[outside] == 0)
     assert np.all(np.float32(grads[0])[outside] == 0)
     return out, grads
+
+
+def check_tgmm(sizes, *, dims, tiling, offset: int, num_local: int, **kwargs):
+    """tgmm equals its reference; the local groups that are empty get exact zeros."""
+    m, k, n = dims
+    lhs, _, grad = make_inputs(1, jnp.float32, dims, num_local)
+    sizes = jnp.asarray(sizes, jnp.int32)
+    got = tgmm(lhs, grad, sizes, tiling=tiling, group_offset=offset, num_local=num_local, **kwargs)
+    want = tgmm_reference(lhs, grad, sizes, num_local=num_local, group_offset=offset)
+    assert got.shape == (num_local, k, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    empty = [g - offset for g in range(offset, offset + num_local) if sizes[g] == 0]
+    assert np.all(np.asarray(got)[empty] == 0)
+
+
+def check_fp8_operands(sizes, *, dims, num_local, transpose_rhs, tiling, offset=0, **kwargs):
+    """E4M3 operands with 1x128 / 128x128 scales: equal to dequantize-then-matmul in fp32; the
+    output defaults to bf16."""
+    lhs, rhs, _ = make_inputs(2, jnp.float32, dims, num_local, transpose_rhs)
+    lq, ls = fp8_ref.quantize_rowwise(lhs * 30)
+    wq, ws = fp8_ref.quantize_blockwise(rhs)
+    sizes = jnp.asarray(sizes, jnp.int32)
+    scaled = dict(lhs_scale=ls, rhs_scale=ws, transpose_rhs=transpose_rhs, group_offset=offset)
+    got = gmm(lq, wq, sizes, tiling=tiling, preferred_element_type=jnp.float32, **scaled, **kwargs)
+    want = gmm_reference(lq, wq, sizes, preferred_element_type=jnp.float32, **scaled)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    assert gmm(lq, wq, sizes, tiling=tiling, **scaled, **kwargs).dtype == jnp.bfloat16

@@ -9,18 +9,17 @@ so any unmasked read or unwritten output row shows up.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.fp8 import reference as fp8_ref
-from pallas_kernels.gmm import Tiling, gmm, gmm_reference, tgmm, tgmm_reference, tuning
+from pallas_kernels.gmm import Tiling, gmm, tuning
 from tests.kernels import gmm_checks
 
 M, K, N, G = 200, 192, 160, 6
 TILING = Tiling(32, 128, 128)  # Row tiles of 32: many tiles straddle groups.
 SUB_TILING = Tiling(64, 128, 128, sub_m=32)  # Two row sub-tiles per tile, skipped when missed.
+KERNEL = dict(interpret=True)  # How the shared checks call the kernels here.
 
 GROUP_SIZES = {
     "uneven": [30, 5, 45, 7, 60, 53],
@@ -78,38 +77,26 @@ def test_gmm_random_group_sizes(sizes, dtype):
 
 @pytest.mark.parametrize("offset,num_local", [(0, G), (1, 4)])
 def test_tgmm(offset, num_local):
-    lhs, _, grad = make_inputs(1, jnp.float32)
-    sizes = jnp.asarray(GROUP_SIZES["first_and_last_empty"], jnp.int32)
-    got = tgmm(
-        lhs,
-        grad,
-        sizes,
+    gmm_checks.check_tgmm(
+        GROUP_SIZES["first_and_last_empty"],
+        dims=(M, K, N),
         tiling=TILING,
-        group_offset=offset,
+        offset=offset,
         num_local=num_local,
-        interpret=True,
+        **KERNEL,
     )
-    want = tgmm_reference(lhs, grad, sizes, num_local=num_local, group_offset=offset)
-    assert got.shape == (num_local, K, N)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    empty = [g - offset for g in range(offset, offset + num_local) if sizes[g] == 0]
-    assert np.all(np.asarray(got)[empty] == 0)
 
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_gmm_fp8_operands(transpose_rhs):
-    """E4M3 operands with 1x128 / 128x128 scales: equal to dequantize-then-matmul in fp32."""
-    lhs, rhs, _ = make_inputs(2, jnp.float32, transpose_rhs=transpose_rhs)
-    lq, ls = fp8_ref.quantize_rowwise(lhs * 30)
-    wq, ws = fp8_ref.quantize_blockwise(rhs)
-    sizes = jnp.asarray(GROUP_SIZES["uneven"], jnp.int32)
-    kwargs = dict(lhs_scale=ls, rhs_scale=ws, transpose_rhs=transpose_rhs)
-    got = gmm(
-        lq, wq, sizes, tiling=TILING, preferred_element_type=jnp.float32, interpret=True, **kwargs
+    gmm_checks.check_fp8_operands(
+        GROUP_SIZES["uneven"],
+        dims=(M, K, N),
+        num_local=G,
+        transpose_rhs=transpose_rhs,
+        tiling=TILING,
+        **KERNEL,
     )
-    want = gmm_reference(lq, wq, sizes, preferred_element_type=jnp.float32, **kwargs)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
-    assert gmm(lq, wq, sizes, tiling=TILING, interpret=True, **kwargs).dtype == jnp.bfloat16
 
 
 def test_gmm_rejects_bad_inputs():

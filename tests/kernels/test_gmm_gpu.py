@@ -30,10 +30,7 @@ from pallas_kernels.fp8 import reference as fp8_ref
 from pallas_kernels.gmm import (
     GpuTiling,
     gmm,
-    gmm_reference,
     scaled_matmul_gpu,
-    tgmm,
-    tgmm_reference,
     tuning,
 )
 from tests.kernels import gmm_checks
@@ -51,6 +48,7 @@ TRITON_CALL = "__gpu$xla.gpu.triton"  # jaxlib <= 0.10.2; later ones compile to 
 TRITON_CALL_NAMES = (TRITON_CALL, "triton_kernel_call")
 H100_KIND = "NVIDIA H100 80GB HBM3"
 INTERPRET = jax.default_backend() != "gpu"  # Compiled Triton kernels where a GPU is attached.
+KERNEL = dict(interpret=INTERPRET, target="gpu")  # How the shared checks call the kernels.
 
 
 def make_inputs(seed: int, dtype, num_local: int = G, transpose_rhs: bool = False):
@@ -97,40 +95,28 @@ def test_gmm_default_tiling():
 
 @pytest.mark.parametrize("offset,num_local", [(0, G), (1, 3), (3, 2)])
 def test_tgmm(offset, num_local):
-    lhs, _, grad = make_inputs(1, jnp.float32)
-    sizes = jnp.asarray(GROUP_SIZES["first_and_last_empty"], jnp.int32)
-    kwargs = dict(num_local=num_local, group_offset=offset)
-    got = tgmm(lhs, grad, sizes, tiling=TILING, interpret=INTERPRET, target="gpu", **kwargs)
-    want = tgmm_reference(lhs, grad, sizes, **kwargs)
-    assert got.shape == (num_local, K, N)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    empty = [g - offset for g in range(offset, offset + num_local) if sizes[g] == 0]
-    assert np.all(np.asarray(got)[empty] == 0)
+    gmm_checks.check_tgmm(
+        GROUP_SIZES["first_and_last_empty"],
+        dims=(M, K, N),
+        tiling=TILING,
+        offset=offset,
+        num_local=num_local,
+        **KERNEL,
+    )
 
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_gmm_fp8_operands(transpose_rhs):
-    """E4M3 operands with 1x128 / 128x128 scales: equal to dequantize-then-matmul in fp32."""
-    rng = np.random.default_rng(2)
-    k = 160  # Two scale blocks along the reduction, the second partial.
-    lhs = jnp.asarray(rng.normal(size=(M, k)) * 30, jnp.float32)
-    rhs = jnp.asarray(rng.normal(size=(2, N, k) if transpose_rhs else (2, k, N)), jnp.float32)
-    lq, ls = fp8_ref.quantize_rowwise(lhs)
-    wq, ws = fp8_ref.quantize_blockwise(rhs)
-    sizes = jnp.asarray(GROUP_SIZES["uneven"], jnp.int32)
-    kwargs = dict(lhs_scale=ls, rhs_scale=ws, transpose_rhs=transpose_rhs, group_offset=1)
-    got = gmm(
-        lq,
-        wq,
-        sizes,
+    """k = 160: two scale blocks along the reduction, the second partial; 2 local groups."""
+    gmm_checks.check_fp8_operands(
+        GROUP_SIZES["uneven"],
+        dims=(M, 160, N),
+        num_local=2,
+        offset=1,
+        transpose_rhs=transpose_rhs,
         tiling=GpuTiling(16, 64, 32),
-        preferred_element_type=jnp.float32,
-        interpret=INTERPRET,
-        target="gpu",
-        **kwargs,
+        **KERNEL,
     )
-    want = gmm_reference(lq, wq, sizes, preferred_element_type=jnp.float32, **kwargs)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("m,k,n", [(64, 300, 40), (100, 128, 200)])
