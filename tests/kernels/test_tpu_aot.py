@@ -1,4 +1,4 @@
-"""Mosaic must accept every kernel: ahead-of-time compile for TPU v5e, v5p and v6e from CPU.
+"""Mosaic must accept every kernel: ahead-of-time compile for TPU v5e, v5p, v6e and v7x from CPU.
 
 Interpret mode checks the math but not that Mosaic can lower and compile the kernels (block
 shapes, layouts, supported ops, VMEM). With libtpu installed, `get_topology_desc` yields
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pallas_kernels.fp8 import gmm_fp8, quantize_blockwise, quantize_rowwise
 from pallas_kernels.gmm import Tiling, gmm, tgmm
 
-TOPOLOGIES = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+TOPOLOGIES = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2", "v7x": "tpu7x:2x2x1"}
 M, K, N, G = 1024, 512, 384, 8
 TILING = Tiling(256, 256, 128, sub_m=128)  # Several blocks on every dim, row sub-tiles.
 BF16, F32, F8, I32 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn, jnp.int32
@@ -135,3 +136,24 @@ def test_compiles_inside_shard_map(parallelism, kernel):
     ]
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_native_fp8_matmul_keeps_e4m3_operands_for_tpu_v7():
+    """`fp8.mode=native` off a GPU (the batched E4M3 dot) compiled for TPU v7, whose MXU
+    multiplies FP8: forward, dgrad and the FP8 wgrad each reach XLA's TPU matmul (a
+    convolution) with both operands still E4M3, not upcast."""
+    from ling_jax.model.fp8.dense import fp8_matmul
+
+    sharding = single_device_sharding("v7x")
+
+    def loss(x, w, cot):
+        y = fp8_matmul(x, w, native=True, wgrad_fp8=True, out_dtype=BF16)
+        return jnp.vdot(y.astype(F32), cot)
+
+    specs = [((M, K), BF16), ((K, N), BF16), ((M, N), F32)]
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in specs]
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+    types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo))  # Instruction -> element type.
+    matmuls = re.findall(r"= f32\[[^\]]*\]\S* (?:convolution|dot)\(%([\w.-]+), %([\w.-]+)\)", hlo)
+    assert len(matmuls) >= 3, hlo
+    assert all(types[a] == types[b] == "f8e4m3fn" for a, b in matmuls), matmuls
