@@ -413,21 +413,16 @@ def scaled_matmul_gpu(
             f"scaled_matmul_gpu expects lq [m, k], ls [m, {kb}], rq [k, n], rs [{kb}, n]; got "
             f"{lq.shape}, {ls.shape}, {rq.shape}, {rs.shape}."
         )
-    t = default_gpu_tiling(m, k, n, dtype=lq.dtype) if tiling is None else tiling
-    t = validate_gpu_tiling(t)
-    one_group = jnp.asarray([m], jnp.int32)
-    sched = metadata.gmm_schedule(
-        one_group, m=m, tm=t.tm, num_reduction_blocks=_cdiv(k, t.tk), group_offset=0, num_local=1
-    )
-    return gpu.gmm_call(
+    return _gmm_impl(
         lq,
         rq[None],
-        sched,
+        jnp.asarray([m], jnp.int32),  # One group: every row.
         jnp.int32(0),
-        tiling=t,
-        transpose_rhs=False,
-        out_dtype=jnp.dtype(out_dtype),
-        lhs_scale=ls.astype(jnp.float32),
-        rhs_scale=rs[None].astype(jnp.float32),
-        interpret=interpret,
+        jnp.dtype(out_dtype),
+        None if tiling is None else validate_gpu_tiling(tiling),
+        False,
+        interpret,
+        "gpu",
+        ls.astype(jnp.float32),
+        rs[None].astype(jnp.float32),  # The kernel's expanded per-column form.
     )
