@@ -17,8 +17,7 @@ tgmm), their FP8 recipe (`gmm_fp8`: E4M3 forward and d lhs, bf16 d rhs, quantize
 against `jax.lax.ragged_dot` and the dense batched matmul (cuBLAS), forward and forward +
 backward, printing ms, TFLOP/s of useful work (2 m k n per product) and the ratio to dense,
 plus the largest error of the bf16 kernel's output against ragged_dot's and the FP8 output's
-relative error. Elsewhere that part is skipped with
-the reason printed.
+relative error. Elsewhere that part is skipped with the reason printed.
 """
 
 from __future__ import annotations
