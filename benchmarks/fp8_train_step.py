@@ -28,7 +28,7 @@ from flax import nnx
 
 from benchmarks.common import median_seconds
 from benchmarks.moe_vs_dense import make_step
-from ling_jax.configs import base_model_config, validate_model_config
+from ling_jax.configs import get_preset, validate_model_config
 from ling_jax.model import LingForCausalLM, fp8
 
 VARIANTS = {  # name: (fp8.enabled, fp8.mode, fp8.wgrad)
@@ -40,23 +40,13 @@ VARIANTS = {  # name: (fp8.enabled, fp8.mode, fp8.wgrad)
 
 
 def model_config(num_layers: int, variant: str):
-    cfg = base_model_config()
-    cfg.vocab_size = 32768
-    cfg.hidden_size = 2048
+    """The Ling-mini-2.0 preset with `num_layers` layers, 64 experts and a 32k vocabulary."""
+    cfg = get_preset("ling_mini_2")
     cfg.num_layers = num_layers
-    cfg.first_k_dense_replace = 1
-    cfg.intermediate_size = 5120
-    cfg.num_attention_heads = 16
-    cfg.num_kv_heads = 4
-    cfg.head_dim = 128
-    cfg.dtype = "bfloat16"
+    cfg.vocab_size = 32768
+    cfg.moe.num_experts = 64  # Top-8 in 8 groups (4 chosen) as in the preset.
     cfg.mtp.num_layers = 0
-    cfg.moe.num_experts = 64
-    cfg.moe.num_experts_per_tok = 8
-    cfg.moe.n_group = 8
-    cfg.moe.topk_group = 4
-    cfg.moe.expert_intermediate_size = 512
-    cfg.moe.shared_expert_intermediate_size = 512
+    cfg.dtype = "bfloat16"
     cfg.moe.backend = "pallas"
     cfg.fp8.enabled, cfg.fp8.mode, cfg.fp8.wgrad = VARIANTS[variant]
     cfg.fp8.monitor_every_steps = 0
