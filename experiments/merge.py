@@ -25,7 +25,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.logs import quiet_library_logs
-from ling_jax.convert.hf import save_hf_state  # noqa: E402
+from ling_jax.convert.hf_export import export_workdir  # noqa: E402
 from ling_jax.train import merge  # noqa: E402
 from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
 from ling_jax.train.wsm import decay_curve, merge_weights  # noqa: E402
@@ -83,10 +83,10 @@ def main(argv: list[str]) -> None:
         config, _OUTPUT.value, merged, source_workdir=workdir, step=steps[-1], info=info
     )
     print(f"wrote {path}")
-    if _HF_OUTPUT.value:
-        state = merge.merged_model_state(merged, config)
-        save_hf_state(state, config.model, _HF_OUTPUT.value, dtype=_HF_DTYPE.value)
-        print(f"wrote HF checkpoint {_HF_OUTPUT.value}")
+    if _HF_OUTPUT.value:  # From the merged snapshot just written, with the run's tokenizer.
+        tokenizer = config.data.tokenizer  # "": the BPE the run trained, copied to --output.
+        export_workdir(_OUTPUT.value, _HF_OUTPUT.value, tokenizer=tokenizer, dtype=_HF_DTYPE.value)
+        print(f"wrote HF checkpoint {_HF_OUTPUT.value} (with its tokenizer)")
     del merged
     if _EVALUATE.value:
         config.train.num_steps = steps[-1]  # Resume at the merged step: evaluate only.

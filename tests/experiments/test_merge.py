@@ -71,6 +71,7 @@ def test_merge_command_writes_an_evaluated_snapshot(trained, merged):
         meta = json.load(f)
     assert meta["merge"]["steps"] == [2, 4] and meta["merge"]["weights"] == [0.5, 0.5]
     assert os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json"))
+    assert os.path.exists(os.path.join(hf_dir, "tokenizer.json"))  # The run's trained BPE.
     # The eval-only run of the merged snapshot equals the merged eval the training logged.
     merged_loss = records(output, "eval/loss")[4]
     np.testing.assert_allclose(merged_loss, records(trained, "eval/merged_loss")[4], rtol=1e-5)
