@@ -237,8 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 timing = timer.window(step, num_steps)
                 summary = {f"train/{k}" if "/" not in k else k: v for k, v in summary.items()}
                 summary["uptime"] = time.perf_counter() - run_start
-                line = {"loss": summary["train/loss"], "eta_seconds": timing.eta_seconds}
-                if timing.steps_per_sec is not None:
+                line = {"loss": summary["train/loss"]}
+                if timing.steps_per_sec is not None:  # None for the compile step alone
+                    line["eta_seconds"] = timing.eta_seconds
                     tokens_per_sec = timing.steps_per_sec * tokens_per_step
                     summary["train/steps_per_sec"] = timing.steps_per_sec
                     summary["train/tokens_per_sec"] = line["tokens_per_sec"] = tokens_per_sec
