@@ -20,30 +20,12 @@ import numpy as np
 
 
 class MetricWriter:
-    """Receives scalars and hparams; every other kind of summary is ignored unless overridden."""
+    """Receives scalars and hparams (the only summaries the trainer writes)."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        pass
-
-    def write_summaries(self, step, values, metadata=None) -> None:
-        pass
-
-    def write_images(self, step, images) -> None:
-        pass
-
-    def write_videos(self, step, videos) -> None:
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        pass
-
-    def write_texts(self, step, texts) -> None:
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
         pass
 
     def flush(self) -> None:
