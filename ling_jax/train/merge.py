@@ -47,6 +47,7 @@ from ling_jax.train.checkpointing import (
     Checkpointer,
     _identity_fields,
 )
+from ling_jax.train.finite import NonFiniteError, first_nonfinite_leaf
 from ling_jax.train.metrics import METRICS_FILE, read_metrics
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.schedules import make_schedule
@@ -232,7 +233,7 @@ def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        return handler.restore(
+        weights = handler.restore(
             path,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
@@ -240,6 +241,10 @@ def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[
         raise ValueError(f"snapshot {path.parent} could not be read: {error}") from error
     finally:
         handler.close()
+    bad = first_nonfinite_leaf(weights)
+    if bad is not None:
+        raise NonFiniteError(f"snapshot {path.parent} holds NaN/inf weights (first: `{bad}`)")
+    return weights
 
 
 def merge_snapshots(
