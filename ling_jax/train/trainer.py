@@ -248,6 +248,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 writer.write_scalars(step, summary)
                 window, window_start = [], time.perf_counter()
             if step % config.eval.every_steps == 0 or last_step:
+                guard.check_now()  # Do not evaluate (or log) a diverged state.
                 if datasets.validation is not None:
                     eval_metrics = evaluate(
                         eval_step,
