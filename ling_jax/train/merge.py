@@ -47,7 +47,8 @@ from ling_jax.train.checkpointing import (
     Checkpointer,
     _identity_fields,
 )
-from ling_jax.train.metrics import METRICS_FILE, read_metrics
+from ling_jax.train.finite import NonFiniteError, first_nonfinite_leaf
+from ling_jax.train.metrics import METRICS_FILE, read_hparams, read_metrics
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.schedules import make_schedule
 from ling_jax.train.train_step import TrainState
@@ -87,16 +88,10 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     from ling_jax.train.experiment import validate_experiment_config
 
     path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist: pass the run's training config (--config)")
-    hparams = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith('{"hparams"'):
-                try:
-                    hparams = json.loads(line)["hparams"]
-                except json.JSONDecodeError:  # A line torn by a kill: an earlier start counts.
-                    continue
+    try:
+        hparams = read_hparams(workdir)
+    except FileNotFoundError as error:
+        raise ValueError(f"{error}: pass the run's training config (--config)") from error
     if hparams is None:
         raise ValueError(f"{path} records no config (hparams): pass --config")
     return validate_experiment_config(ml_collections.ConfigDict(hparams))
@@ -254,7 +249,7 @@ def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        return handler.restore(
+        weights = handler.restore(
             path,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
@@ -262,6 +257,10 @@ def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[
         raise ValueError(f"snapshot {path.parent} could not be read: {error}") from error
     finally:
         handler.close()
+    bad = first_nonfinite_leaf(weights)
+    if bad is not None:
+        raise NonFiniteError(f"snapshot {path.parent} holds NaN/inf weights (first: `{bad}`)")
+    return weights
 
 
 def merge_snapshots(

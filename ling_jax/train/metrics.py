@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 
 # clu's method names without its TensorFlow import; JsonlWriter below subclasses the interface.
 from ling_jax.train import writers as metric_writers
@@ -46,43 +48,105 @@ PEAK_FLOPS_BY_DEVICE_KIND = {
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Appends scalars to a JSON-lines file; other kinds of summaries are ignored."""
+    """Scalars as JSON lines; other kinds of summaries are ignored.
+
+    The records are kept in memory and `flush()` rewrites the whole file when something new was
+    written: locally through a temporary file and a rename (a reader, or a kill -9, sees the
+    old file or the new one, never half a line), on gs:// as one upload (objects cannot be
+    appended to). An existing file is read back first, so a resumed run continues it; see
+    `truncate_metrics` for dropping the rows a crashed run wrote after its last snapshot.
+    """
 
     def __init__(self, path: str):
-        self._path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._path = epath.Path(path)
+        self._lines = (
+            [json.dumps(r) for r in _read_records(self._path)] if self._path.exists() else []
+        )
+        self._dirty = False
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step)}
         record.update({name: float(np.asarray(value)) for name, value in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-
-    def write_summaries(self, step, values, metadata=None) -> None:
-        pass
-
-    def write_images(self, step, images) -> None:
-        pass
-
-    def write_videos(self, step, videos) -> None:
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        pass
-
-    def write_texts(self, step, texts) -> None:
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
-        pass
+        self._lines.append(json.dumps(record))
+        self._dirty = True
 
     def write_hparams(self, hparams) -> None:
-        self._file.write(json.dumps({"hparams": _jsonable(hparams)}) + "\n")
+        # One hparams line per file: a restarted fresh run replaces the earlier one.
+        self._lines = [line for line in self._lines if not line.startswith('{"hparams"')]
+        self._lines.insert(0, json.dumps({"hparams": _jsonable(hparams)}))
+        self._dirty = True
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._dirty:
+            _write_atomically(self._path, "".join(line + "\n" for line in self._lines))
+            self._dirty = False
 
     def close(self) -> None:
-        self._file.close()
+        self.flush()
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+    """Replaces `path` by `text`: temp file + rename locally, one upload on object stores."""
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def read_hparams(workdir: str) -> dict[str, Any] | None:
+    """The config the run in `workdir` last started with (its `hparams` record), or None."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    records = [r["hparams"] for r in _read_records(path) if "hparams" in r]
+    return records[-1] if records else None
+
+
+def _read_records(path: epath.Path) -> list[dict[str, Any]]:
+    """Every JSON record of a jsonl file; a torn last line (kill -9 mid-write) is dropped with
+    a warning, a bad line elsewhere raises ValueError naming the line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            if number == len(lines):
+                logging.warning(
+                    "%s: the last line (%d characters) is torn (a run killed while writing "
+                    "it) and is ignored; every record before it is intact.",
+                    path,
+                    len(line),
+                )
+                break
+            raise ValueError(f"{path}, line {number}, is not JSON: {error}") from error
+    return records
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drops the rows of `<workdir>/metrics.jsonl` after `step` (those a crashed run wrote past
+    the snapshot it is resumed from; the resumed run writes them again) and a torn last line.
+    Returns the number of rows dropped; the file is rewritten atomically, and only if needed."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    records = _read_records(path)
+    kept = [r for r in records if r.get("step", -1) <= step]
+    torn = bool(text) and not text.endswith("\n")
+    if len(kept) < len(records) or torn:
+        _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+        logging.info(
+            "%s: dropped %d rows after step %d (written after the last snapshot)",
+            path,
+            len(records) - len(kept),
+            step,
+        )
+    return len(records) - len(kept)
 
 
 def _jsonable(value):
@@ -110,11 +174,14 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-    """The scalar records of `<workdir>/metrics.jsonl`, in order (hparams lines skipped)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if "step" in r]
+    """The scalar records of `<workdir>/metrics.jsonl`, in order (hparams lines skipped).
+
+    A torn last line (a run killed mid-write) is skipped with a warning; nothing before it is
+    lost. Raises FileNotFoundError if the file does not exist."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return [r for r in _read_records(path) if "step" in r]
 
 
 PEAK_FLOPS_ENV = "LING_JAX_PEAK_FLOPS"

@@ -30,10 +30,16 @@ from ling_jax.parallel.mesh import BATCH_AXES, batch_axes_size, make_mesh
 from ling_jax.train.checkpointing import Checkpointer, abstract_like
 from ling_jax.train.console import StepTimer, format_eval_line, format_train_line
 from ling_jax.train.experiment import validate_experiment_config
+from ling_jax.train.finite import NonFiniteGuard
 from ling_jax.train.fp8_monitor import Fp8Monitor
 from ling_jax.train.merge import initialize_weights_from
 from ling_jax.train.merged_eval import MergedEvaluation
-from ling_jax.train.metrics import make_writer, model_flops_utilization, peak_flops_per_device
+from ling_jax.train.metrics import (
+    make_writer,
+    model_flops_utilization,
+    peak_flops_per_device,
+    truncate_metrics,
+)
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.profiling import ProfileWindow
 from ling_jax.train.schedules import make_schedule
@@ -45,6 +51,7 @@ from ling_jax.train.train_step import (
     make_eval_step,
     make_train_step,
 )
+from ling_jax.train.workdir_lock import hold_workdir_lock
 
 
 class _Preemption:
@@ -125,7 +132,16 @@ def _mean_metrics(window: list[dict]) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) the experiment; returns the last evaluation metrics."""
+    """Runs (or resumes) the experiment; returns the last evaluation metrics.
+
+    Raises WorkdirLockedError if another run holds `workdir`, NonFiniteError if the run
+    diverges (and `train.on_nonfinite` does not skip it)."""
+    config = validate_experiment_config(config)
+    with hold_workdir_lock(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     config = validate_experiment_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -165,15 +181,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     checkpointer = Checkpointer(workdir, config.checkpoint, config.model)
     start_step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    restored = checkpointer.restore_latest(abstract_like(state), train_iter)
+    if restored is not None:
+        state, latest = restored
         logging.info("Resuming from %s/%d", checkpointer.directory, latest)
-        state = checkpointer.restore(latest, abstract_like(state), train_iter)
         start_step = int(state.step)
     elif config.checkpoint.init_from:
         logging.info("Initialising the weights from %s", config.checkpoint.init_from)
         state = initialize_weights_from(config.checkpoint.init_from, state, shardings)
 
+    if process_index == 0:
+        truncate_metrics(workdir, start_step)  # Rows a killed run wrote after its snapshot.
     writer = make_writer(workdir)
     if start_step == 0:
         writer.write_hparams(config.to_dict())
@@ -197,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     merged_eval = MergedEvaluation(config, workdir, checkpointer, shardings)
     preemption = _Preemption()
+    guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_nonfinite_skips)
     eval_metrics: dict[str, float] = {}
     window: list[dict] = []
     timer = StepTimer()
@@ -216,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = _to_global(next(train_iter), row_sharding)
             state, metrics = train_step(state, batch)
             step += 1
+            guard.push(step, metrics)  # Checks the previous step: no wait on this one.
             window.append(metrics)
             if not timer.started:
                 # The process's first step compiles; timing starts once it has finished.
@@ -251,6 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _console(format_train_line(step, num_steps, **line))
                 window = []
             if step % config.eval.every_steps == 0 or last_step:
+                guard.check_now()  # Do not evaluate (or log) a diverged state.
                 if datasets.validation is not None:
                     jax.block_until_ready(state)  # Evaluation time starts after the queued steps.
                     timer.pause()
@@ -264,7 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     writer.write_scalars(step, eval_metrics)
                     _console(format_eval_line(step, eval_metrics))
                 timer.resume()  # Evaluation is not training time.
-            checkpointer.save(step, state, train_iter, force=last_step or preemption.requested)
+            save = last_step or preemption.requested
+            if save or checkpointer.manager.should_save(step):
+                guard.check_now()  # Never snapshot the state of a non-finite step.
+            checkpointer.save(step, state, train_iter, force=save)
             if merged_eval.due(step) and datasets.validation is not None:
                 jax.block_until_ready(state)
                 timer.pause()
