@@ -13,7 +13,6 @@ written for another model, stops the run with an error instead of being overwrit
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -21,6 +20,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policies
+
+from ling_jax.io import paths
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "meta")
@@ -87,7 +88,7 @@ class Checkpointer:
     """Saves and restores the snapshots of one run directory."""
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict, model_config):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        self.directory = paths.join(paths.resolve(workdir), CHECKPOINT_DIR)
         self._model_fields = _identity_fields(model_config)
         options = ocp.CheckpointManagerOptions(
             # Exactly every `every_steps` (orbax would otherwise also save the first step).
@@ -124,7 +125,7 @@ class Checkpointer:
         The data iterator is restored in place. Raises ValueError naming the checkpoint if it
         is unreadable or belongs to a different model.
         """
-        path = os.path.join(self.directory, str(step))
+        path = paths.join(self.directory, str(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as error:  # orbax raises many types for a damaged directory
