@@ -26,6 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments.logs import quiet_library_logs
 from ling_jax.convert.hf import save_hf_state  # noqa: E402
+from ling_jax.io import paths  # noqa: E402
 from ling_jax.train import merge  # noqa: E402
 from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
 from ling_jax.train.wsm import decay_curve, merge_weights  # noqa: E402
@@ -50,10 +51,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)
     decay_curve(_SHAPE.value)  # Fails early on an unknown shape.
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    losses = merge.validation_losses(workdir) if os.path.exists(metrics_path) else {}
+    metrics_path = paths.join(workdir, "metrics.jsonl")
+    losses = merge.validation_losses(workdir) if paths.exists(metrics_path) else {}
     steps = merge.select_steps(
         merge.snapshot_steps(workdir),
         last=_LAST.value,

@@ -258,7 +258,9 @@ class ArrayRecordReader:
         self.path = path
         self.text_key = text_key
         try:
-            self._source = grain_sources.ArrayRecordDataSource([path])
+            # The ArrayRecord reader does not go through gcsfs (against an emulator it hangs):
+            # a file in a bucket is read from a local copy.
+            self._source = grain_sources.ArrayRecordDataSource([paths.local_copy(path)])
             self.num_records = len(self._source)
         except Exception as e:  # The C++ reader raises generic errors.
             raise _open_error(path, e) from e

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import hashlib
 import os
 import re
 import shutil
@@ -192,3 +193,24 @@ def _remote_glob(pattern: str) -> list[str]:
         fs, _ = fsspec.core.url_to_fs(pattern)
         found = fs.glob(pattern, detail=True)
     return [f"{scheme}://{name}" for name, info in found.items() if info["type"] == "file"]
+
+
+def local_copy(path: str) -> str:
+    """A local file with the content of `path`: `path` itself if local, else a copy downloaded
+    once into $LING_JAX_CACHE (default ~/.cache/ling_jax), for readers that open local files
+    only. The copy is reused while its size matches the remote file's."""
+    if not is_remote(path):
+        return path
+    cache = os.environ.get("LING_JAX_CACHE") or os.path.expanduser("~/.cache/ling_jax")
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    target = os.path.join(cache, "remote", key, basename(path))
+    with _named(path):
+        size = _epath(path).stat().length
+    if os.path.exists(target) and os.path.getsize(target) == size:
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+    with os.fdopen(fd, "wb") as out, open_file(path, "rb") as f, _named(path):
+        shutil.copyfileobj(f, out, 16 << 20)
+    os.replace(tmp, target)  # Concurrent readers see no half-written copy.
+    return target

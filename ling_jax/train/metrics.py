@@ -9,7 +9,6 @@ Only process 0 writes files.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers
+
+from ling_jax.io import paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -43,7 +44,10 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def __init__(self, path: str):
         self._path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        # A bucket has no append: its object is rewritten whole on each flush.
+        self._file = (
+            _RewrittenObject(path) if paths.is_remote(path) else open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        )
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step)}
@@ -78,6 +82,23 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._file.close()
 
 
+class _RewrittenObject:
+    """Append-mode text file over a bucket object: lines kept in memory, written on flush."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._text = paths.read_text(path) if paths.exists(path) else ""
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        paths.write_text(self._path, self._text)
+
+    def close(self) -> None:
+        self.flush()
+
+
 def _jsonable(value):
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -92,20 +113,19 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
     """Console + TensorBoard + metrics.jsonl on process 0; console only elsewhere."""
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(just_logging=True)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     return metric_writers.MultiWriter(
         [
             metric_writers.create_default_writer(workdir, asynchronous=False),
-            JsonlWriter(os.path.join(workdir, METRICS_FILE)),
+            JsonlWriter(paths.join(workdir, METRICS_FILE)),
         ]
     )
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
     """The scalar records of `<workdir>/metrics.jsonl`, in order (hparams lines skipped)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    text = paths.read_text(paths.join(workdir, METRICS_FILE))
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records if "step" in r]
 
 
