@@ -9,6 +9,7 @@ Only process 0 writes files.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -114,9 +115,12 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(just_logging=True)
     paths.makedirs(workdir)
+    # TensorFlow's GCS client cannot be pointed at an emulator: there, no event files (this
+    # TensorFlow writer is being replaced by a TensorFlow-free one, issue #16 item 8).
+    emulated = paths.is_remote(workdir) and os.environ.get("STORAGE_EMULATOR_HOST")
     return metric_writers.MultiWriter(
         [
-            metric_writers.create_default_writer(workdir, asynchronous=False),
+            metric_writers.create_default_writer(None if emulated else workdir, asynchronous=False),
             JsonlWriter(paths.join(workdir, METRICS_FILE)),
         ]
     )
