@@ -202,7 +202,8 @@ def local_copy(path: str) -> str:
     if not is_remote(path):
         return path
     cache = os.environ.get("LING_JAX_CACHE") or os.path.expanduser("~/.cache/ling_jax")
-    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    # Keyed by the folder, so that the files of one remote folder share one local folder.
+    key = hashlib.sha256(dirname(path).encode()).hexdigest()[:16]
     target = os.path.join(cache, "remote", key, basename(path))
     with _named(path):
         size = _epath(path).stat().length
@@ -214,3 +215,33 @@ def local_copy(path: str) -> str:
         shutil.copyfileobj(f, out, 16 << 20)
     os.replace(tmp, target)  # Concurrent readers see no half-written copy.
     return target
+
+
+def local_folder(path: str) -> str:
+    """A local folder with the files of folder `path` (its subfolders are left out): `path`
+    itself if local, else copies made with `local_copy`, for readers of local files only
+    (safetensors)."""
+    if not is_remote(path):
+        return path
+    files = [join(path, name) for name in listdir(path)]
+    copies = [local_copy(file) for file in files if not isdir(file)]
+    if not copies:
+        raise FileNotFoundError(f"{path}: no files there")
+    return os.path.dirname(copies[0])
+
+
+@contextlib.contextmanager
+def staged_folder(path: str) -> Iterator[str]:
+    """A local folder to write into that becomes `path`: `path` itself if local; for a URL a
+    temporary folder whose files are uploaded to `path` when the block succeeds."""
+    if not is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ling-jax-upload-") as staging:
+        yield staging
+        for name in sorted(os.listdir(staging)):
+            source = os.path.join(staging, name)
+            if os.path.isdir(source):
+                copytree(source, join(path, name))
+            else:
+                copy(source, join(path, name))

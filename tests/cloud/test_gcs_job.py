@@ -2,8 +2,9 @@
 the trained tokenizer and the workdir all in a bucket.
 
 One shared run: `experiments.run`'s config for 4 steps, then for 6 steps (a resume), then
-`experiments.merge` on it (both in this process, as tests/experiments do, which shares the
-session's XLA cache) and `python -m experiments.generate` on the merge (a subprocess).
+`experiments.merge --hf_output` on it (both in this process, as tests/experiments do, which
+shares the session's XLA cache), `python -m experiments.generate` on the merge (a subprocess)
+and the sweep API on the run's folder.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
+from safetensors.numpy import load
 
 from experiments.configs import smoke
+from experiments.sweeps.results import collect, read_results, write_results
+from experiments.sweeps.runner import _PointLog, check_manifest, point_status
+from experiments.sweeps.spec import Point, Sweep
+from ling_jax.convert.hf import load_pretrained
 from ling_jax.data.tokenizer import load_tokenizer
 from ling_jax.io import paths
 from ling_jax.train.metrics import read_metrics
@@ -101,6 +108,7 @@ def test_merge_and_generate_in_the_bucket(job, bucket):
     from experiments import merge as merge_command  # Defines absl flags: imported here only.
 
     workdir, output = job[0], paths.join(bucket, "runs", "merged")
+    hf_dir = paths.join(bucket, "hf")
     flags.FLAGS(
         [
             "merge",
@@ -108,6 +116,7 @@ def test_merge_and_generate_in_the_bucket(job, bucket):
             f"--workdir={workdir}",
             f"--output={output}",
             "--last=2",
+            f"--hf_output={hf_dir}",
         ]
     )
     stdout = io.StringIO()
@@ -116,6 +125,12 @@ def test_merge_and_generate_in_the_bucket(job, bucket):
     assert "merging 2 snapshots" in stdout.getvalue()
     assert paths.listdir(paths.join(output, "checkpoints")) == ["6"]
     assert paths.exists(paths.join(output, "tokenizer", "tokenizer.json"))
+    # The HF export (`ling_jax.convert.hf.save_hf_state`) was uploaded; it loads back.
+    index = json.loads(paths.read_text(paths.join(hf_dir, "model.safetensors.index.json")))
+    shard = index["weight_map"]["model.word_embeddings.weight"]
+    stored = load(paths.read_bytes(paths.join(hf_dir, shard)))["model.word_embeddings.weight"]
+    model = load_pretrained(hf_dir, dtype="float32")
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), stored)
     command = [
         *(sys.executable, "-m", "experiments.generate", f"--checkpoint={output}"),
         *("--prompt=alpha beta", "--max_new_tokens=4", "--warmup=false"),
@@ -125,3 +140,24 @@ def test_merge_and_generate_in_the_bucket(job, bucket):
     )
     assert generated.returncode == 0, generated.stderr[-5000:]
     assert f"restored step 6 of {output}" in generated.stdout
+
+
+def test_sweep_reads_and_writes_the_bucket(job, bucket):
+    """The sweep API on a gs:// root whose point "smoke" is the shared run."""
+    root = paths.join(bucket, "runs")
+    files = f"{bucket}/data/*.jsonl"
+    point = Point("smoke", SMOKE, {"data.source": "files", "data.train_files": files})
+    sweep = Sweep("cloud", (point,))
+    assert point_status(point, root).state == "done"
+    check_manifest(sweep, root)
+    assert json.loads(paths.read_text(paths.join(root, "sweep.json")))["points"] == {
+        "smoke": point.definition()
+    }
+    csv_path, _ = write_results(collect(sweep, root), root)
+    assert csv_path == paths.join(root, "results.csv")
+    assert read_results(root)[0]["eval_curve"].keys() == {3, 4, 6}  # 4: the first run's end.
+    assert f"--workdir={root}/smoke" in point.command(root)
+    log = _PointLog(paths.join(root, "smoke", "run.log"))  # A run's stdout, then uploaded.
+    os.write(log.fileno(), b"step 1\n")
+    log.close()
+    assert paths.read_text(paths.join(root, "smoke", "run.log")) == "step 1\n"
