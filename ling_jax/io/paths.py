@@ -110,12 +110,12 @@ def open_file(path: str, mode: str = "r") -> IO:
 
 
 def read_text(path: str) -> str:
-    with open_file(path, "r") as f, _named(path):
+    with _named(path), open_file(path, "r") as f:
         return f.read()
 
 
 def read_bytes(path: str) -> bytes:
-    with open_file(path, "rb") as f, _named(path):
+    with _named(path), open_file(path, "rb") as f:
         return f.read()
 
 
@@ -123,7 +123,7 @@ def write_text(path: str, text: str) -> None:
     """Writes `text` so that readers never see a half-written file: locally through a
     temporary file and a rename, on a bucket as one object upload (atomic by itself)."""
     if is_remote(path):
-        with open_file(path, "w") as f, _named(path):
+        with _named(path), open_file(path, "w") as f:  # Uploaded on close, inside _named.
             f.write(text)
         return
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
@@ -133,7 +133,12 @@ def write_text(path: str, text: str) -> None:
 
 
 def makedirs(path: str) -> None:
-    """Creates `path` and its parents (a no-op on buckets, which have no real folders)."""
+    """Creates `path` and its parents. Buckets have no real folders: there it checks that the
+    bucket exists, so that a job fails before its work rather than at its first write."""
+    if is_remote(path):
+        bucket = "/".join(path.split("/", 3)[:3])
+        if not exists(bucket):
+            raise FileNotFoundError(f"{path}: bucket {bucket} does not exist or is not readable")
     with _named(path):
         _epath(path).mkdir(parents=True, exist_ok=True)
 

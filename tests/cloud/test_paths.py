@@ -62,5 +62,9 @@ def test_bucket_operations(bucket):
 def test_missing_bucket_names_the_path(gcs_emulator):
     with pytest.raises(FileNotFoundError, match="gs://no-such-bucket/x.txt"):
         paths.read_text("gs://no-such-bucket/x.txt")
+    with pytest.raises(OSError, match="gs://no-such-bucket/y.txt"):
+        paths.write_text("gs://no-such-bucket/y.txt", "text")
+    with pytest.raises(FileNotFoundError, match="bucket gs://no-such-bucket does not exist"):
+        paths.makedirs("gs://no-such-bucket/run")
     with pytest.raises(FileNotFoundError, match=re.escape("gs://no-such-bucket/*.jsonl")):
         paths.glob("gs://no-such-bucket/*.jsonl")
