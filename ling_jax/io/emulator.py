@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -138,6 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bucket", action="append", default=[], help="bucket(s) to create")
     args = parser.parse_args()
+    # SIGTERM (kill) unwinds like Ctrl-C, so that the server process is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with GcsEmulator() as emulator:
         for bucket in args.bucket:
             emulator.create_bucket(bucket)
