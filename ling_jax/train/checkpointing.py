@@ -13,7 +13,6 @@ written for another model, stops the run with an error instead of being overwrit
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -25,6 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policies
 
+from ling_jax.io import paths
 from ling_jax.train.finite import NonFiniteError, first_nonfinite_leaf
 
 CHECKPOINT_DIR = "checkpoints"
@@ -107,7 +107,7 @@ class Checkpointer:
     """Saves and restores the snapshots of one run directory."""
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict, model_config):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        self.directory = paths.join(paths.resolve(workdir), CHECKPOINT_DIR)
         self._on_corrupt = cfg.on_corrupt
         self._model_fields = _identity_fields(model_config)
         options = ocp.CheckpointManagerOptions(
@@ -156,7 +156,7 @@ class Checkpointer:
         The data iterator is restored in place. Raises ValueError naming the checkpoint if it
         is unreadable or belongs to a different model.
         """
-        path = os.path.join(self.directory, str(step))
+        path = paths.join(self.directory, str(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as error:  # orbax raises many types for a damaged directory
@@ -229,7 +229,7 @@ class Checkpointer:
         """Whether snapshot `step`'s metadata and train state read back (a full read)."""
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            self._check_compatible(meta["meta"], os.path.join(self.directory, str(step)))
+            self._check_compatible(meta["meta"], paths.join(self.directory, str(step)))
             self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             )

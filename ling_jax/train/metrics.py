@@ -25,6 +25,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from ling_jax.io import paths
+
 # clu's method names without its TensorFlow import; JsonlWriter below subclasses the interface.
 from ling_jax.train import writers as metric_writers
 
@@ -163,12 +165,11 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard + metrics.jsonl on process 0; a writer that writes nothing elsewhere."""
     if jax.process_index() != 0:
         return metric_writers.MultiWriter([])
-    if "://" not in workdir:  # Object stores (gs://) have no folders to create.
-        os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     return metric_writers.MultiWriter(
         [
             metric_writers.TensorBoardWriter(workdir),
-            JsonlWriter(os.path.join(workdir, METRICS_FILE)),
+            JsonlWriter(paths.join(workdir, METRICS_FILE)),
         ]
     )
 

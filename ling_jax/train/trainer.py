@@ -9,7 +9,6 @@ rerunning the same command resumes with the same data and the same loss trajecto
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from ling_jax.data import Datasets, build_datasets, check_vocab
+from ling_jax.io import paths
 from ling_jax.model import flops_per_token
 from ling_jax.model import fp8 as model_fp8
 from ling_jax.model.param_table import format_param_table
@@ -142,9 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    config = validate_experiment_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)  # Local: absolute; gs://: unchanged.
+    paths.makedirs(workdir)
     process_count, process_index = jax.process_count(), jax.process_index()
     if config.train.batch_size % process_count:
         raise ValueError(
