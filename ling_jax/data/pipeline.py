@@ -236,6 +236,14 @@ def _train_rows(
             f"training source {component.name!r}: {len(component.train)} documents cannot give "
             f"each of {process_count} processes one"
         )
+    logging.info(
+        "process %d of %d reads %d of the %d training documents of %r",
+        process_index,
+        process_count,
+        len(shard),
+        len(component.train),
+        component.name,
+    )
     where = f"process {process_index} of {process_count}: " if process_count > 1 else ""
     check_usable(
         shard,

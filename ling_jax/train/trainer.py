@@ -2,7 +2,8 @@
 
 Builds the data pipeline, the model and the jitted step, resumes from the latest snapshot in
 `workdir` if there is one, then trains for `train.num_steps`, writing metrics, evaluating and
-saving snapshots periodically. SIGTERM (preemption) saves a snapshot and returns cleanly;
+saving snapshots periodically. SIGTERM (preemption) or Ctrl-C saves a snapshot (on every host
+at the same step; `ling_jax.train.preemption`) and returns cleanly;
 rerunning the same command resumes with the same data and the same loss trajectory.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from collections.abc import Iterable
 
@@ -34,6 +34,7 @@ from ling_jax.train.merge import initialize_weights_from
 from ling_jax.train.merged_eval import MergedEvaluation
 from ling_jax.train.metrics import make_writer, model_flops_utilization, peak_flops_per_device
 from ling_jax.train.optimizer import make_optimizer
+from ling_jax.train.preemption import Interrupted, Preemption
 from ling_jax.train.schedules import make_schedule
 from ling_jax.train.sharded_state import init_sharded_train_state
 from ling_jax.train.train_step import (
@@ -43,21 +44,6 @@ from ling_jax.train.train_step import (
     make_eval_step,
     make_train_step,
 )
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a snapshot and stopping.")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -117,7 +103,25 @@ def _mean_metrics(window: list[dict]) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) the experiment; returns the last evaluation metrics."""
+    """Runs (or resumes) the experiment; returns the last evaluation metrics.
+
+    SIGTERM or Ctrl-C saves a snapshot and returns, on every process at the same step; one
+    that arrives before the first step stops at once and writes nothing.
+    """
+    with Preemption() as preemption:
+        try:
+            return _train_and_evaluate(config, workdir, preemption)
+        except Interrupted as stop:
+            logging.warning(
+                "Stopped by %s before the first step: no snapshot written (earlier ones are kept).",
+                stop,
+            )
+            return {}
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, preemption: Preemption
+) -> dict[str, float]:
     config = validate_experiment_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -193,7 +197,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
 
     merged_eval = MergedEvaluation(config, workdir, checkpointer, shardings)
-    preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
     window: list[dict] = []
     window_start = time.perf_counter()
@@ -206,7 +209,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             writer.write_scalars(step, eval_metrics)
         while step < num_steps:
-            batch = _to_global(next(train_iter), row_sharding)
+            try:
+                # A wait on the prefetch thread can be abandoned without moving the iterator.
+                with preemption.interruptible(step == start_step or config.data.batch_prefetch):
+                    host_batch = next(train_iter)
+            except Interrupted:
+                if step == start_step:
+                    raise
+                if checkpointer.latest_step() != step:
+                    checkpointer.save(step, state, train_iter, force=True)
+                logging.warning("Stopped at step %d while waiting for data; snapshot saved.", step)
+                break
+            batch = _to_global(host_batch, row_sharding)
             state, metrics = train_step(state, batch)
             step += 1
             window.append(metrics)
@@ -238,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     )
                     writer.write_scalars(step, eval_metrics)
                 window_start = time.perf_counter()  # Evaluation is not training time.
-            checkpointer.save(step, state, train_iter, force=last_step or preemption.requested)
+            stop = preemption.should_stop(step, checkpointer.manager)
+            checkpointer.save(step, state, train_iter, force=last_step or stop)
             if merged_eval.due(step) and datasets.validation is not None:
                 merged_state = merged_eval.merged_state(step, state)
                 if merged_state is not None:
@@ -256,11 +271,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     )
                 window_start = time.perf_counter()
             writer.flush()
-            if preemption.requested:
-                logging.warning("Stopped at step %d after SIGTERM; snapshot saved.", step)
+            if stop and not last_step:
+                logging.warning("Stopped at step %d on a stop request; snapshot saved.", step)
                 break
     finally:
-        preemption.restore()
         checkpointer.close()
         writer.close()
         close = getattr(train_iter, "close", None)
