@@ -320,3 +320,45 @@ def test_two_processes_stop_at_the_same_step_on_one_sigterm(tmp_path):
     assert [p.returncode for p in rerun] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert all(f"checkpoints/{step}" in err and "Resuming from" in err for err in errs)
     assert sorted(losses(workdir))[-2:] == [step + 1, step + 2]
+
+
+def test_sigterm_while_waiting_for_data_saves_the_last_step(
+    uninterrupted, tmp_path, monkeypatch, caplog
+):
+    """A read that stalls mid-run (batch 5 here) does not hold a SIGTERM back: the wait on the
+    prefetch thread is abandoned, step 4 is kept, and the resumed run equals the uninterrupted
+    one."""
+    from ling_jax.train import trainer
+
+    workdir = str(tmp_path)
+    build = trainer.build_datasets
+    fetched = []
+
+    def stall_on_fifth_batch(batch):
+        fetched.append(1)
+        if len(fetched) == 5:
+            deadline = time.time() + 120
+            while 4 not in losses(workdir) and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # The loop is now waiting for this batch.
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return batch
+
+    def stalling_data(*args, **kwargs):
+        datasets = build(*args, **kwargs)
+        return datasets._replace(train=datasets.train.map(stall_on_fifth_batch))
+
+    monkeypatch.setattr(trainer, "build_datasets", stalling_data)
+    cfg = smoke_config()
+    cfg.data.batch_prefetch = 2
+    train_and_evaluate(cfg, workdir)
+    assert "Stopped at step 4 while waiting for data" in caplog.text
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert max(losses(workdir)) == 4
+    monkeypatch.undo()
+    train_and_evaluate(cfg, workdir)
+    reference, resumed = losses(uninterrupted[0]), losses(workdir)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in (5, 6):
+        np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-6, err_msg=str(step))
