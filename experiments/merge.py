@@ -1,7 +1,7 @@
 """WSM: merge a run's orbax snapshots into one checkpoint (instead of decaying the LR).
 
-    python -m experiments.merge --config=experiments/configs/quickstart.py \\
-        --workdir=runs/quickstart --output=runs/quickstart_merged --last=8 [--shape=linear] \\
+    python -m experiments.merge --workdir=runs/quickstart --output=runs/quickstart_merged \\
+        --last=8 [--shape=linear] [--config=experiments/configs/quickstart.py] \\
         [--evaluate] [--hf_output=runs/quickstart_hf [--hf_dtype=bfloat16]]
 
 Selection (one of): --last=N (the latest N snapshots), --top=N (the N with the lowest eval/loss
@@ -12,7 +12,9 @@ and the default. --shape picks the emulated decay: linear (the uniform mean), co
 The output is a run directory with one snapshot, `<output>/checkpoints/<last merged step>/`,
 that `experiments.run` with the same --config resumes (further training) or, with
 --config.train.num_steps equal to that step, evaluates only, which is what --evaluate does.
---config must be the training config (model, optimizer: it builds the fresh optimizer state).
+--config is the training config (model, optimizer: it builds the fresh optimizer state; data
+and eval for --evaluate); by default it is the one the run last started with, as recorded in
+<workdir>/metrics.jsonl (its `hparams` line, command-line overrides included).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.logs import quiet_library_logs
-from ling_jax.convert.hf import save_hf_state  # noqa: E402
+from ling_jax.convert.hf_export import export_workdir  # noqa: E402
 from ling_jax.train import merge  # noqa: E402
 from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
 from ling_jax.train.wsm import decay_curve, merge_weights  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training run's experiment config.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The run's experiment config (default: recorded in its metrics.jsonl)."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run whose snapshots are merged.")
 _OUTPUT = flags.DEFINE_string("output", None, "New run directory for the merged snapshot.")
 _LAST = flags.DEFINE_integer("last", 0, "Merge the latest N snapshots.")
@@ -43,14 +47,18 @@ _SHAPE = flags.DEFINE_string("shape", "linear", "Emulated decay: linear (mean), 
 _EVALUATE = flags.DEFINE_bool("evaluate", False, "Evaluate the merged snapshot on validation.")
 _HF_OUTPUT = flags.DEFINE_string("hf_output", None, "Also export the merge as an HF checkpoint.")
 _HF_DTYPE = flags.DEFINE_string("hf_dtype", None, "HF tensor dtype (default: the params').")
-flags.mark_flags_as_required(["config", "workdir", "output"])
+flags.mark_flags_as_required(["workdir", "output"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    workdir = os.path.abspath(_WORKDIR.value)
+    config = _CONFIG.value
+    if config is None:
+        config = merge.run_config(workdir)
+        print(f"config: the run's, recorded in {os.path.join(workdir, 'metrics.jsonl')}")
     decay_curve(_SHAPE.value)  # Fails early on an unknown shape.
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     losses = merge.validation_losses(workdir) if os.path.exists(metrics_path) else {}
@@ -83,10 +91,10 @@ def main(argv: list[str]) -> None:
         config, _OUTPUT.value, merged, source_workdir=workdir, step=steps[-1], info=info
     )
     print(f"wrote {path}")
-    if _HF_OUTPUT.value:
-        state = merge.merged_model_state(merged, config)
-        save_hf_state(state, config.model, _HF_OUTPUT.value, dtype=_HF_DTYPE.value)
-        print(f"wrote HF checkpoint {_HF_OUTPUT.value}")
+    if _HF_OUTPUT.value:  # From the merged snapshot just written, with the run's tokenizer.
+        tokenizer = config.data.tokenizer  # "": the BPE the run trained, copied to --output.
+        export_workdir(_OUTPUT.value, _HF_OUTPUT.value, tokenizer=tokenizer, dtype=_HF_DTYPE.value)
+        print(f"wrote HF checkpoint {_HF_OUTPUT.value} (with its tokenizer)")
     del merged
     if _EVALUATE.value:
         config.train.num_steps = steps[-1]  # Resume at the merged step: evaluate only.

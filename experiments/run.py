@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow backs clu's TensorBoard writer.
-
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments.logs import quiet_library_logs
-from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
+from ling_jax.train.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")

@@ -3,7 +3,7 @@
     python -m experiments.sweep --config=experiments/configs/wind_tunnel_micro.py --root=runs/wt
     python -m experiments.sweep --config=FILE --root=DIR --parallel=2          # 2 processes
     python -m experiments.sweep --config=FILE --root=DIR --only=xs,s           # some points
-    python -m experiments.sweep --config=FILE --root=DIR --status              # no training
+    python -m experiments.sweep --config=FILE --root=DIR --status              # read-only
     python -m experiments.sweep --config=FILE --root=gs://bucket/wt --commands # one per point
     python -m experiments.sweep --config=FILE --root=DIR --set=optim.peak_lr=1e-3  # all points
     python -m experiments.sweep --config=FILE --root=gs://bucket/wt \\
@@ -12,6 +12,7 @@
 `--config=FILE[:ARG]` names a Python file whose `get_sweep([ARG])` returns an
 `experiments.sweeps.Sweep` (see experiments/configs/wind_tunnel_micro.py). Finished points are
 skipped and interrupted ones resume; the table goes to <root>/results.csv and results.json.
+`--status` only prints the table: it trains nothing and writes nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="a config field set on every point (repeatable), e.g. data.train_files=gs://...",
     )
-    parser.add_argument("--status", action="store_true", help="tabulate only, train nothing")
+    parser.add_argument(
+        "--status", action="store_true", help="print the table only: train and write nothing"
+    )
     parser.add_argument("--commands", action="store_true", help="print experiments.run commands")
     parser.add_argument("--tpu_args", default=None, help="print launch.tpu commands with these")
     args = parser.parse_args(argv)
@@ -62,19 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
     root = os.path.abspath(args.root)
-    try:
-        if not args.status:
+    if not args.status:
+        try:
             run_sweep(sweep, root, parallel=args.parallel)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     rows = collect(sweep, root)
-    csv_path, _ = write_results(rows, root)
     columns = TABLE_COLUMNS[:2] + [c for c in ("compute", "params") if c in rows[0]]
     print(format_table(rows, columns + TABLE_COLUMNS[2:]))
+    if args.status:  # Read-only: the stored results table is left as the last run wrote it.
+        return 0
+    csv_path, _ = write_results(rows, root)
     print(f"results: {csv_path}")
     unfinished = [r["name"] for r in rows if r["state"] != "done"]
-    if unfinished and not args.status:
+    if unfinished:
         print(f"not finished: {unfinished} (see <root>/<point>/run.log)", file=sys.stderr)
         return 1
     return 0

@@ -12,7 +12,10 @@
    (and of the ladder's MoE) over the dense family, next to the law's EL(A, G, C).
 4. Writes <root>/loss_vs_compute.png, <root>/el_vs_activation.png and <root>/report.json.
 
-`--analyze_only` skips training and analyses whatever has finished.
+`--analyze_only` trains nothing and writes no results table: it analyses the finished runs
+under <root> (or, where a sweep's run folders are absent, its stored `results.json`) and exits
+with status 1, naming the runs that are missing or unfinished, rather than analysing a partial
+result; a stored `results.json` is never overwritten by it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import sys
 import numpy as np
 
 from experiments.sweeps import analysis
-from experiments.sweeps.results import collect, format_table, write_results
+from experiments.sweeps.results import collect, format_table, read_results, write_results
 from experiments.sweeps.runner import run_sweep
 from experiments.sweeps.spec import Sweep, load_sweep
 
@@ -45,12 +48,37 @@ COLUMNS = [
 ]
 
 
-def _run(sweep: Sweep, root: str, parallel: int, train: bool) -> list[dict]:
-    if train:
-        run_sweep(sweep, root, parallel=parallel)
+class UnfinishedError(RuntimeError):
+    """A sweep has runs that are missing or unfinished, so it cannot be analysed yet."""
+
+
+def _run(sweep: Sweep, root: str, parallel: int) -> list[dict]:
+    """Trains (resumably) and records the results table of whatever state the runs reach."""
+    run_sweep(sweep, root, parallel=parallel)
     rows = collect(sweep, root)
     write_results(rows, root)
     print(f"\n{sweep.name} ({root}):\n{format_table(rows, COLUMNS)}", flush=True)
+    return rows
+
+
+def _stored_rows(sweep: Sweep, root: str) -> list[dict]:
+    """The finished rows of every point, read-only: from the run folders, or from the stored
+    `results.json` when no run folder exists; `UnfinishedError` names what is missing."""
+    rows = collect(sweep, root)
+    source = f"the run folders under {root}"
+    if all(r["state"] == "pending" for r in rows) and os.path.exists(
+        os.path.join(root, "results.json")
+    ):
+        stored = {r["name"]: r for r in read_results(root)}
+        rows = [stored.get(p.name, {"name": p.name, "state": "missing"}) for p in sweep.points]
+        source = os.path.join(root, "results.json")
+    unfinished = [f"{r['name']} ({r['state']})" for r in rows if r["state"] != "done"]
+    if unfinished:
+        raise UnfinishedError(
+            f"{sweep.name}: {len(unfinished)} of {len(rows)} runs not finished in {source}: "
+            f"{', '.join(unfinished)}; train them first (drop --analyze_only)"
+        )
+    print(f"\n{sweep.name} ({source}):\n{format_table(rows, COLUMNS)}", flush=True)
     return rows
 
 
@@ -141,14 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_leverage", action="store_true", help="only the ladder")
     args = parser.parse_args(argv)
     root = os.path.abspath(args.root)
-    train = not args.analyze_only
-    ladder = _run(load_sweep(LADDER_CONFIG), os.path.join(root, "ladder"), args.parallel, train)
-    leverage = []
+    sweeps = [(load_sweep(LADDER_CONFIG), os.path.join(root, "ladder"))]
     if not args.skip_leverage:
-        leverage = _run(
-            load_sweep(LEVERAGE_CONFIG), os.path.join(root, "leverage"), args.parallel, train
-        )
-    analyze(ladder, leverage, root)
+        sweeps.append((load_sweep(LEVERAGE_CONFIG), os.path.join(root, "leverage")))
+    if args.analyze_only:
+        try:  # Every sweep is checked before anything (plots, report) is written.
+            rows = [_stored_rows(sweep, folder) for sweep, folder in sweeps]
+        except (UnfinishedError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    else:
+        rows = [_run(sweep, folder, args.parallel) for sweep, folder in sweeps]
+    unfinished = [r["name"] for sweep_rows in rows for r in sweep_rows if r["state"] != "done"]
+    analyze(rows[0], rows[1] if len(rows) > 1 else [], root)
+    if unfinished:
+        print(f"not finished: {unfinished} (see <root>/<sweep>/<run>/run.log)", file=sys.stderr)
+        return 1
     return 0
 
 

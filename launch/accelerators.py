@@ -3,8 +3,9 @@
     slice = parse_accelerator("v5p-256")   # 128 chips, 32 hosts of 4 chips, topology 4x4x8
     slice = parse_accelerator("v6e-64")    # 64 chips, 16 hosts of 4 chips, topology 8x8
 
-v4 and v5p names count TensorCores (two per chip); v5e (`v5litepod-N`) and v6e names count
-chips. Non-power-of-two slices (e.g. v5p-24, 2x2x3) exist; give their topology explicitly.
+v4 and v5p names count TensorCores (two per chip); v5e (`v5litepod-N`, or `v5e-N`) and v6e
+names count chips. Non-power-of-two slices (e.g. v5p-24, 2x2x3) exist; give their topology
+explicitly.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def default_topology(chips: int, dims: int) -> str | None:
 def parse_accelerator(accelerator_type: str, topology: str | None = None) -> TpuSlice:
     """Parses an accelerator type such as v5p-256 or v6e-64; `topology` overrides the default."""
     known = ", ".join(f"{p}-N" for p in GENERATIONS)
+    if accelerator_type.startswith("v5e-"):  # The chip's common name; gcloud calls it v5litepod.
+        accelerator_type = "v5litepod-" + accelerator_type.removeprefix("v5e-")
     match = _NAME.match(accelerator_type)
     if not match or match.group(1) not in GENERATIONS:
         raise LaunchError(

@@ -143,7 +143,13 @@ def _check(args) -> TpuSlice | None:
     check_slices(args.slices)
     if args.command not in ("render", "apply"):
         return None
-    require(args, "accelerator", "image", "config", "workdir")
+    if not args.image:  # No public image exists: every user builds and pushes their own.
+        raise LaunchError(
+            f"--image is required for `{args.command}`: the container image to run, built from "
+            "a commit with launch/Dockerfile (`git archive --format=tar HEAD | docker build "
+            "-f launch/Dockerfile -t IMAGE -`, then `docker push IMAGE`)"
+        )
+    require(args, "accelerator", "config", "workdir")
     tpu = parse_accelerator(args.accelerator, args.topology)
     check_config(args.config)
     check_workdir(args.workdir, tpu.hosts * args.slices)

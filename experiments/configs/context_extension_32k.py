@@ -11,7 +11,10 @@ The size's 4K pretraining recipe (`experiments/configs/<preset>.py`: Table 1 pea
 WSM, MTP 0.1) with the stage-A changes:
   * 32K-token rows (`data.seq_len`, `model.max_position_embeddings`), packed documents masked
     per document; 20% of the rows from long (32K) documents, via `data.mixture` as above;
-  * RoPE base theta 10,000 -> 600,000 ([I] in SPEC: Ling-V2's 4K vs 8K/32K scripts);
+  * RoPE base theta 600,000, the released checkpoints' value, which the 4K recipes already
+    use, so it is unchanged here; SPEC infers ([I]) that Ling's own 4K stage trained at 10,000
+    (Ling-V2's 4K vs 8K/32K scripts): a 4K run trained with --config.model.rope.theta=10000
+    is switched to 600,000 by this stage;
   * expert-bias update rate u = 1e-4 from the extension on (1e-3 before);
   * the chunked attention (`attention.impl = "chunked"`): no [32K, 32K] score matrix, forward
     or backward;

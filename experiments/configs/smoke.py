@@ -1,5 +1,5 @@
-"""A seconds-scale run of the whole job (data, model with MTP, checkpoints, eval) for CI and
-debugging:
+"""A short run of the whole job (data, model with MTP, checkpoints, eval) for CI and debugging,
+about a minute on 2 CPU cores (mostly imports, BPE training and compilation):
 
     python -m experiments.run --config=experiments/configs/smoke.py --workdir=/tmp/smoke
 """

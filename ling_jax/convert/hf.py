@@ -9,8 +9,10 @@ FP8 checkpoints in the released format (E4M3 linears with 128 x 128 `weight_scal
 `hf_fp8`) are written with `fp8=True` / `--fp8` and dequantized on load.
 
 Usage:
+  python -m ling_jax.convert.hf export --workdir=RUN --output=DIR [--step=N] [--tokenizer=PATH]
+      [--dtype=bfloat16] [--fp8] [--remote_code=DIR]   # a run's snapshot and its tokenizer
   python -m ling_jax.convert.hf export --preset=tiny --output=DIR [--seed=0] [--dtype=bfloat16]
-      [--fp8]
+      [--fp8]                                          # a randomly initialised preset
   python -m ling_jax.convert.hf inspect --hf_dir=DIR
   python -m ling_jax.convert.hf roundtrip --hf_dir=DIR --output=DIR2 [--fp8]
 """
@@ -318,11 +320,24 @@ def _summary(model: LingForCausalLM) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ling_jax.convert.hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="save a randomly initialised preset")
-    export.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    export = commands.add_parser(
+        "export", help="save a run's snapshot with its tokenizer, or a random preset"
+    )
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="an experiments.run workdir")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a random model")
     export.add_argument("--output", required=True)
-    export.add_argument("--seed", type=int, default=0)
-    export.add_argument("--dtype", default="bfloat16")
+    export.add_argument("--step", type=int, default=None, help="snapshot (default: latest)")
+    export.add_argument(
+        "--tokenizer", default="", help="tokenizer.json (default: <workdir>/tokenizer/)"
+    )
+    export.add_argument(
+        "--remote_code", default="", help="folder with the BailingMoeV2 remote-code files"
+    )
+    export.add_argument("--seed", type=int, default=0, help="--preset's initialisation")
+    export.add_argument(
+        "--dtype", default=None, help="weights dtype (default: bfloat16 for --preset, else stored)"
+    )
     inspect = commands.add_parser("inspect", help="load a checkpoint and summarise it")
     inspect.add_argument("--hf_dir", required=True)
     roundtrip = commands.add_parser("roundtrip", help="load a checkpoint and save it again")
@@ -335,15 +350,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--fp8", action="store_true", help="write the released FP8 format (E4M3 + scale_inv)"
         )
     args = parser.parse_args(argv)
+    if args.command == "export" and args.preset and (args.step is not None or args.tokenizer):
+        parser.error("--step and --tokenizer export a run: give them with --workdir")
 
-    if args.command == "export":
+    if args.command == "export" and args.workdir:
+        from ling_jax.convert.hf_export import export_workdir  # It imports this module.
+
+        step = export_workdir(
+            args.workdir,
+            args.output,
+            step=args.step,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_bytes,
+            overwrite=args.overwrite,
+            fp8=args.fp8,
+            remote_code=args.remote_code,
+        )
+        print(f"wrote snapshot {step} of {args.workdir} and its tokenizer to {args.output}")
+    elif args.command == "export":
         cfg = get_preset(args.preset)
-        cfg.param_dtype = args.dtype
+        cfg.param_dtype = args.dtype = args.dtype or "bfloat16"
         # One compiled initialisation is much faster than running it op by op.
         model = nnx.jit(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(args.seed)))()
         save_pretrained(
             model, args.output, args.max_shard_bytes, overwrite=args.overwrite, fp8=args.fp8
         )
+        if args.remote_code:
+            from ling_jax.convert.hf_export import add_remote_code
+
+            add_remote_code(args.output, args.remote_code)
         fp8 = ", fp8" if args.fp8 else ""
         print(f"wrote {args.preset} (seed {args.seed}, {args.dtype}{fp8}) to {args.output}")
     elif args.command == "inspect":

@@ -19,6 +19,8 @@ Each HF key maps onto one explicit field of `ling_jax.configs.base_model_config(
 `moe_shared_expert_intermediate_size` is the total width of the shared experts (Megatron's
 convention); ours is per shared expert. The HF remote code ignores the key and uses
 `moe_intermediate_size * num_shared_experts`, the same value in every released model.
+config.json names no `auto_map`: transformers has no BailingMoeV2 class, and the remote code
+it would point at is not in an exported folder unless `hf_export.add_remote_code` copies it.
 Fields with no HF key (compute dtype, layer scanning, remat, MoE backend) keep their defaults;
 `moe.group_score_topk` must be 2, the value the HF router hard-codes. `router_dtype` is not
 read: the router math is always fp32, as in the HF model.
@@ -36,14 +38,6 @@ from ling_jax.configs.model_config import DTYPES, base_model_config, validate_mo
 
 ARCHITECTURE = "BailingMoeV2ForCausalLM"
 MODEL_TYPES = ("bailing_moe", "bailing_moe_v2")
-
-# The remote-code entry points of the released checkpoints; they resolve once the two Python files
-# of inclusionAI/Ling-V2 `models/` sit next to config.json.
-_AUTO_MAP = {
-    "AutoConfig": "configuration_bailing_moe_v2.BailingMoeV2Config",
-    "AutoModel": "modeling_bailing_moe_v2.BailingMoeV2Model",
-    "AutoModelForCausalLM": "modeling_bailing_moe_v2.BailingMoeV2ForCausalLM",
-}
 
 # HF key -> field, for the keys copied as they are. Keys handled by hand are listed below.
 _DIRECT = {
@@ -281,7 +275,6 @@ def config_to_hf(
     hf: dict[str, Any] = {
         "architectures": [ARCHITECTURE],
         "model_type": "bailing_moe",
-        "auto_map": dict(_AUTO_MAP),
     }
     hf |= {key: _get(config, field) for key, (field, _) in _DIRECT.items()}
     hf |= {

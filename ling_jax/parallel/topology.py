@@ -62,6 +62,20 @@ def parse_topology(name: str) -> tuple[Chip, str, int]:
     return CHIPS[generation], f"{generation}:{'x'.join(map(str, dims))}", chips
 
 
+# Chips one TPU host holds (2 x 2 x 1 on every generation here). libtpu lays a topology out in
+# hosts of this shape, so a slice with fewer chips (v5e-1, v6e-2, v5p:1x1x1) must name its
+# own, smaller host bounds or get_topology_desc refuses it.
+_HOST_CHIPS = 4
+
+
+def host_bounds(topology: str) -> list[int] | None:
+    """`chips_per_host_bounds` for a slice smaller than one host (its own shape), else None."""
+    dims = [int(d) for d in topology.split(":", 1)[1].split("x")]
+    if math.prod(dims) >= _HOST_CHIPS:
+        return None
+    return dims + [1] * (3 - len(dims))
+
+
 def tpu_devices(name: str):
     """Compile-only TPU devices of the named topology (needs libtpu: pip install -e .[tpu])."""
     import importlib.util
@@ -71,7 +85,9 @@ def tpu_devices(name: str):
     from jax.experimental import topologies
 
     chip, topology, chips = parse_topology(name)
-    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    bounds = host_bounds(topology)
+    kwargs = {} if bounds is None else {"chips_per_host_bounds": bounds}
+    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices
     if len(devices) != chips:
         raise ValueError(f"topology {name!r} gave {len(devices)} devices, expected {chips}")
     return chip, devices

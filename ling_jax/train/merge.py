@@ -80,6 +80,28 @@ def validation_losses(workdir: str) -> dict[int, float]:
     return {r["step"]: r["eval/loss"] for r in read_metrics(workdir) if "eval/loss" in r}
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The experiment config run `workdir` last started with, command-line overrides included:
+    the latest `hparams` record the trainer writes to `<workdir>/metrics.jsonl` at each start."""
+    # Imported here: experiment imports merged_eval, which imports this module.
+    from ling_jax.train.experiment import validate_experiment_config
+
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: pass the run's training config (--config)")
+    hparams = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith('{"hparams"'):
+                try:
+                    hparams = json.loads(line)["hparams"]
+                except json.JSONDecodeError:  # A line torn by a kill: an earlier start counts.
+                    continue
+    if hparams is None:
+        raise ValueError(f"{path} records no config (hparams): pass --config")
+    return validate_experiment_config(ml_collections.ConfigDict(hparams))
+
+
 def select_steps(
     available: Sequence[int],
     *,

@@ -1,14 +1,19 @@
-"""Metric writers (clu) and throughput accounting (tokens/s, MFU).
+"""Metric writers and throughput accounting (tokens/s, MFU).
 
-`make_writer(workdir)` writes every scalar to three places: the console (absl logging),
-TensorBoard event files and `<workdir>/metrics.jsonl` (one JSON object per `write_scalars`
-call: `{"step": 10, "train/loss": 3.2, ...}`), the file that sweeps and merges read back.
-Only process 0 writes files.
+`make_writer(workdir)` writes every scalar to two places: TensorBoard event files (tensorboardX,
+no TensorFlow) and `<workdir>/metrics.jsonl` (one JSON object per `write_scalars` call:
+`{"step": 10, "train/loss": 3.2, ...}`), the file that sweeps and merges read back. Only
+process 0 writes files. The console gets short lines instead (`ling_jax.train.console`).
+
+MFU divides by `peak_flops_per_device()`, which says where its figure comes from: the
+`LING_JAX_PEAK_FLOPS` environment variable if set, else the vendor table below, else (CPU
+only) a matmul measured on this machine.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -17,7 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers
+
+# clu's method names without its TensorFlow import; JsonlWriter below subclasses the interface.
+from ling_jax.train import writers as metric_writers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -89,13 +96,14 @@ def _jsonable(value):
 
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
-    """Console + TensorBoard + metrics.jsonl on process 0; console only elsewhere."""
+    """TensorBoard + metrics.jsonl on process 0; a writer that writes nothing elsewhere."""
     if jax.process_index() != 0:
-        return metric_writers.create_default_writer(just_logging=True)
-    os.makedirs(workdir, exist_ok=True)
+        return metric_writers.MultiWriter([])
+    if "://" not in workdir:  # Object stores (gs://) have no folders to create.
+        os.makedirs(workdir, exist_ok=True)
     return metric_writers.MultiWriter(
         [
-            metric_writers.create_default_writer(workdir, asynchronous=False),
+            metric_writers.TensorBoardWriter(workdir),
             JsonlWriter(os.path.join(workdir, METRICS_FILE)),
         ]
     )
@@ -109,37 +117,64 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
     return [r for r in records if "step" in r]
 
 
-_measured_cpu_peak: float | None = None
+PEAK_FLOPS_ENV = "LING_JAX_PEAK_FLOPS"
+
+_measured_cpu_peak: tuple[float, str] | None = None
 
 
-def measure_matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a large fp32 matmul on the default device: the attainable peak on a CPU."""
+def measure_matmul_peak_flops(
+    size: int = 2048, repeats: int = 5, min_seconds: float = 0.25, clock=time.perf_counter
+) -> float:
+    """FLOP/s of a large fp32 matmul on the default device: the attainable peak on a CPU.
+
+    Each of `repeats` timings runs the matmul as often as needed to last `min_seconds`, and the
+    best one counts: a timing slowed by other processes on the machine would overstate MFU.
+    """
     a = jnp.ones((size, size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(matmul(a))
+    jax.block_until_ready(matmul(a))  # Compiles.
+    start = clock()
+    jax.block_until_ready(matmul(a))  # Sizes the timed runs below.
+    runs = max(1, math.ceil(min_seconds / max(clock() - start, 1e-9)))
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        best = min(best, time.perf_counter() - start)
+        start = clock()
+        for _ in range(runs):
+            out = matmul(a)
+        jax.block_until_ready(out)
+        best = min(best, (clock() - start) / runs)
     return 2 * size**3 / best
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+    """(peak FLOP/s of one device, where the figure comes from); NaN for an unknown accelerator.
+
+    Order: `$LING_JAX_PEAK_FLOPS`, the vendor table (dense bf16), a measurement on CPUs
+    (best of 5 timings of a 2048^2 fp32 matmul, measured once per process).
+    """
     global _measured_cpu_peak
+    override = os.environ.get(PEAK_FLOPS_ENV)
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            value = math.nan
+        if not value > 0 or math.isinf(value):
+            raise ValueError(f"{PEAK_FLOPS_ENV}={override!r}: expected a positive FLOP/s number")
+        return value, f"${PEAK_FLOPS_ENV}"
     device = device or jax.devices()[0]
     kind = device.device_kind
     for prefix, flops in sorted(PEAK_FLOPS_BY_DEVICE_KIND.items(), key=lambda kv: -len(kv[0])):
         if kind.startswith(prefix):
-            return flops, f"table ({kind})"
+            return flops, f"vendor dense bf16 peak for {kind}"
     if device.platform == "cpu":
         if _measured_cpu_peak is None:
-            _measured_cpu_peak = measure_matmul_peak_flops()
-        return _measured_cpu_peak, "measured fp32 matmul on this CPU"
-    raise ValueError(
-        f"no peak FLOP/s known for device kind {kind!r}; add it to PEAK_FLOPS_BY_DEVICE_KIND"
-    )
+            _measured_cpu_peak = (
+                measure_matmul_peak_flops(),
+                "measured on this CPU: best of 5 timings of a 2048^2 fp32 matmul",
+            )
+        return _measured_cpu_peak
+    return math.nan, f"unknown for device kind {kind!r} (set ${PEAK_FLOPS_ENV}); MFU not reported"
 
 
 def model_flops_utilization(

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -28,6 +28,7 @@ from ling_jax.model import fp8 as model_fp8
 from ling_jax.model.param_table import format_param_table
 from ling_jax.parallel.mesh import BATCH_AXES, batch_axes_size, make_mesh
 from ling_jax.train.checkpointing import Checkpointer, abstract_like
+from ling_jax.train.console import StepTimer, format_eval_line, format_train_line
 from ling_jax.train.experiment import validate_experiment_config
 from ling_jax.train.fp8_monitor import Fp8Monitor
 from ling_jax.train.merge import initialize_weights_from
@@ -35,6 +36,7 @@ from ling_jax.train.merged_eval import MergedEvaluation
 from ling_jax.train.metrics import make_writer, model_flops_utilization, peak_flops_per_device
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.preemption import Interrupted, Preemption
+from ling_jax.train.profiling import ProfileWindow
 from ling_jax.train.schedules import make_schedule
 from ling_jax.train.sharded_state import init_sharded_train_state
 from ling_jax.train.train_step import (
@@ -95,6 +97,12 @@ def evaluate(eval_step, state, batches: Iterable[dict], max_batches: int, shardi
     if totals.get("target_bytes"):
         metrics["eval/bits_per_byte"] = totals["ce_sum"] / math.log(2) / totals["target_bytes"]
     return metrics
+
+
+def _console(message: str, *args) -> None:
+    """A progress line, printed by process 0 only (the others would print the same)."""
+    if jax.process_index() == 0:
+        logging.info(message, *args)
 
 
 def _mean_metrics(window: list[dict]) -> dict[str, float]:
@@ -184,22 +192,18 @@ def _train_and_evaluate(
     tokens_per_step = config.train.batch_size * config.data.seq_len
     flops = flops_per_token(config.model, config.data.seq_len).total
     peak, peak_source = peak_flops_per_device()
-    logging.info("Peak FLOP/s per device: %.3e (%s)", peak, peak_source)
-    report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-    hooks = [report_progress]
+    _console("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_source)
+    profile = None
     if config.logging.profile and process_index == 0:
-        hooks.append(
-            periodic_actions.Profile(
-                logdir=workdir,
-                num_profile_steps=config.logging.profile_num_steps,
-                first_profile=config.logging.profile_first_step,
-            )
+        profile = ProfileWindow(
+            workdir, config.logging.profile_first_step, config.logging.profile_num_steps
         )
 
     merged_eval = MergedEvaluation(config, workdir, checkpointer, shardings)
     eval_metrics: dict[str, float] = {}
     window: list[dict] = []
-    window_start = time.perf_counter()
+    timer = StepTimer()
+    run_start = time.perf_counter()
     step = start_step
     try:
         if step >= num_steps and datasets.validation is not None:
@@ -208,6 +212,9 @@ def _train_and_evaluate(
                 eval_step, state, datasets.validation, config.eval.max_batches, row_sharding
             )
             writer.write_scalars(step, eval_metrics)
+            _console(format_eval_line(step, eval_metrics))
+        if step < num_steps:
+            _console("Compiling the train step (and running step %d)...", step + 1)
         while step < num_steps:
             try:
                 # A wait on the prefetch thread can be abandoned without moving the iterator.
@@ -224,25 +231,43 @@ def _train_and_evaluate(
             state, metrics = train_step(state, batch)
             step += 1
             window.append(metrics)
+            if not timer.started:
+                # The process's first step compiles; timing starts once it has finished.
+                jax.block_until_ready(metrics)
+                _console(
+                    "Compiled and ran step %d in %.1f s", step, time.perf_counter() - run_start
+                )
+                timer.start(step)
             if fp8_monitor.due(step):
                 jax.block_until_ready(state)  # Time the probe alone, not the queued steps.
-                probe_start = time.perf_counter()
+                timer.pause()
                 writer.write_scalars(step, fp8_monitor(step, state, batch))
-                window_start += time.perf_counter() - probe_start  # Not training time.
-            for hook in hooks:
-                hook(step)
+                timer.resume()  # The probe is not training time.
+            if profile is not None:
+                profile(step, state)
             last_step = step == num_steps
             if step % config.logging.log_every_steps == 0 or last_step:
-                summary = _mean_metrics(window)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = len(window) * tokens_per_step / elapsed
+                summary = _mean_metrics(window)  # Blocks until the window's last step is done.
+                timing = timer.window(step, num_steps)
                 summary = {f"train/{k}" if "/" not in k else k: v for k, v in summary.items()}
-                summary["train/tokens_per_sec"] = tokens_per_sec
-                summary["train/mfu"] = model_flops_utilization(tokens_per_sec, flops, peak)
+                summary["uptime"] = time.perf_counter() - run_start
+                line = {"loss": summary["train/loss"]}
+                if timing.steps_per_sec is not None:  # None for the compile step alone
+                    line["eta_seconds"] = timing.eta_seconds
+                    tokens_per_sec = timing.steps_per_sec * tokens_per_step
+                    summary["train/steps_per_sec"] = timing.steps_per_sec
+                    summary["train/tokens_per_sec"] = line["tokens_per_sec"] = tokens_per_sec
+                    if math.isfinite(peak):
+                        mfu = model_flops_utilization(tokens_per_sec, flops, peak)
+                        summary["train/mfu"] = line["mfu"] = mfu
+                        summary["train/peak_flops_per_device"] = peak
                 writer.write_scalars(step, summary)
-                window, window_start = [], time.perf_counter()
+                _console(format_train_line(step, num_steps, **line))
+                window = []
             if step % config.eval.every_steps == 0 or last_step:
                 if datasets.validation is not None:
+                    jax.block_until_ready(state)  # Evaluation time starts after the queued steps.
+                    timer.pause()
                     eval_metrics = evaluate(
                         eval_step,
                         state,
@@ -251,10 +276,13 @@ def _train_and_evaluate(
                         row_sharding,
                     )
                     writer.write_scalars(step, eval_metrics)
-                window_start = time.perf_counter()  # Evaluation is not training time.
+                    _console(format_eval_line(step, eval_metrics))
+                timer.resume()  # Evaluation is not training time.
             stop = preemption.should_stop(step, checkpointer.manager)
             checkpointer.save(step, state, train_iter, force=last_step or stop)
             if merged_eval.due(step) and datasets.validation is not None:
+                jax.block_until_ready(state)
+                timer.pause()
                 merged_state = merged_eval.merged_state(step, state)
                 if merged_state is not None:
                     merged_metrics = evaluate(
@@ -265,16 +293,19 @@ def _train_and_evaluate(
                         row_sharding,
                     )
                     del merged_state
-                    writer.write_scalars(
-                        step,
-                        {k.replace("eval/", "eval/merged_"): v for k, v in merged_metrics.items()},
-                    )
-                window_start = time.perf_counter()
+                    merged_metrics = {
+                        k.replace("eval/", "eval/merged_"): v for k, v in merged_metrics.items()
+                    }
+                    writer.write_scalars(step, merged_metrics)
+                    _console(format_eval_line(step, merged_metrics, "eval/merged_"))
+                timer.resume()
             writer.flush()
             if stop and not last_step:
                 logging.warning("Stopped at step %d on a stop request; snapshot saved.", step)
                 break
     finally:
+        if profile is not None:
+            profile.close()  # Unblocked: after an error the state may be gone.
         checkpointer.close()
         writer.close()
         close = getattr(train_iter, "close", None)

@@ -12,6 +12,7 @@ import pytest
 from absl import flags
 
 from experiments.configs import smoke, wsm_compare
+from ling_jax.train import merge
 from ling_jax.train.experiment import validate_experiment_config
 from ling_jax.train.metrics import read_metrics
 from ling_jax.train.trainer import train_and_evaluate
@@ -71,10 +72,27 @@ def test_merge_command_writes_an_evaluated_snapshot(trained, merged):
         meta = json.load(f)
     assert meta["merge"]["steps"] == [2, 4] and meta["merge"]["weights"] == [0.5, 0.5]
     assert os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json"))
+    assert os.path.exists(os.path.join(hf_dir, "tokenizer.json"))  # The run's trained BPE.
     # The eval-only run of the merged snapshot equals the merged eval the training logged.
     merged_loss = records(output, "eval/loss")[4]
     np.testing.assert_allclose(merged_loss, records(trained, "eval/merged_loss")[4], rtol=1e-5)
     assert merged_loss != records(trained, "eval/loss")[4]
+
+
+def test_merge_reads_the_run_config_from_its_metrics(trained, tmp_path, capsys):
+    """Without --config, merge uses the config the run recorded (overrides included)."""
+    from experiments import merge as merge_command  # defines absl flags: import here only
+
+    want = validate_experiment_config(smoke_config()).to_dict()
+    assert merge.run_config(trained).to_dict() == want
+    flags.FLAGS.unparse_flags()  # Forget the merged fixture's flags, --config included.
+    argv = ["merge", f"--workdir={trained}", f"--output={tmp_path / 'run'}", "--steps=4"]
+    flags.FLAGS(argv)
+    merge_command.main(argv[:1])
+    assert "config: the run's, recorded in" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
+    with pytest.raises(ValueError, match="pass the run's training config"):
+        merge.run_config(str(tmp_path / "elsewhere"))
 
 
 def test_merged_snapshot_resumes_training(merged):

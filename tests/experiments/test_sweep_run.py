@@ -125,3 +125,23 @@ def test_cli_commands_and_tpu_commands(tmp_path, capsys):
         f"--config={SMOKE} --workdir=gs://b/r/seed=0 -- --config.seed=0"
     )
     assert sweep_cli.main([f"--config={tmp_path}/missing.py", "--root=x"]) == 2
+
+
+def test_status_is_read_only(tmp_path, capsys):
+    config = tmp_path / "sweep_cfg.py"
+    config.write_text(
+        "from experiments.sweeps.spec import Sweep\n"
+        "def get_sweep():\n"
+        f"    return Sweep.grid('s', {SMOKE!r}, {{'seed': [0, 1]}}, base_overrides={TWO_STEPS})\n"
+    )
+    root = tmp_path / "root"
+    (root / "seed=0").mkdir(parents=True)
+    (root / "seed=0" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
+    (root / "results.csv").write_text("stored by the last run\n")
+    before = sorted((p, p.read_bytes()) for p in root.rglob("*") if p.is_file())
+    assert sweep_cli.main([f"--config={config}", f"--root={root}", "--status"]) == 0
+    assert sorted((p, p.read_bytes()) for p in root.rglob("*") if p.is_file()) == before
+    table = capsys.readouterr().out
+    assert "seed=0  partial" in table and "seed=1  pending" in table
+    assert sweep_cli.main([f"--config={config}", f"--root={tmp_path}/none", "--status"]) == 0
+    assert not (tmp_path / "none").exists()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from ling_jax.scaling import laws
 MICRO = "experiments/configs/wind_tunnel_micro.py"
 LEVERAGE = "experiments/configs/efficiency_leverage_micro.py"
 POD = "experiments/configs/wind_tunnel_pod.py"
+EXAMPLE = os.path.join(os.path.dirname(wind_tunnel.__file__), "notebooks", "wind_tunnel_example")
 
 
 def test_micro_ladder_follows_the_laws_between_rungs():
@@ -201,3 +205,39 @@ def test_analysis_writes_plots_and_report(tmp_path, monkeypatch):
         with open(report[key], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "report.json").exists()
+
+
+def _tree(root) -> dict[str, bytes]:
+    """Every file under `root` by relative path, with its bytes."""
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+def test_analyze_only_reads_stored_results_and_rewrites_none(tmp_path, capsys):
+    root = tmp_path / "wt"
+    shutil.copytree(EXAMPLE, root)
+    before = _tree(root)
+    assert wind_tunnel.main([f"--root={root}", "--analyze_only"]) == 0
+    after = _tree(root)
+    assert {k: after[k] for k in before} == before  # The stored results are untouched.
+    report = json.loads(after["report.json"])
+    assert math.isfinite(report["prediction"]["measured"]) and report["leverage"]
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_analyze_only_refuses_unfinished_runs_and_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "wt"
+    shutil.copytree(EXAMPLE, root)
+    (root / "ladder" / "m").mkdir()  # A run of the ladder that stopped at step 1.
+    (root / "ladder" / "m" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
+    before = _tree(root)
+    assert wind_tunnel.main([f"--root={root}", "--analyze_only"]) == 1
+    assert _tree(root) == before
+    err = capsys.readouterr().err
+    assert "m (partial)" in err and "xs (pending)" in err and "drop --analyze_only" in err
+    empty = tmp_path / "empty"
+    assert wind_tunnel.main([f"--root={empty}", "--analyze_only"]) == 1
+    assert not empty.exists()

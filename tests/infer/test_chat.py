@@ -16,15 +16,13 @@ from ling_jax.infer.chat import (
     with_thinking_mode,
 )
 
-REFERENCE = os.path.join(
-    os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "ling_tokenizer_sft"
-)
+# Ling-mini-2.0's released tokenizer_config.json, special_tokens_map.json and
+# generation_config.json, copied verbatim into the repository so the tests are self-contained.
+REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "ling_tokenizer_sft")
 
 
 @pytest.fixture(scope="module")
 def template() -> str:
-    # The repository is checked out beside shared/ (as in CI); its absence is a failure.
-    assert os.path.isdir(REFERENCE), f"Ling's reference tokenizer config not found at {REFERENCE}"
     return load_tokenizer_config(REFERENCE)["chat_template"]
 
 
@@ -121,8 +119,7 @@ def test_thinking_mode_is_checked():
 
 
 def test_generation_stop_ids(tmp_path):
-    if os.path.isdir(REFERENCE):
-        assert generation_stop_ids(REFERENCE) == [156892, 156895]
+    assert generation_stop_ids(REFERENCE) == [156892, 156895]
     assert generation_stop_ids(str(tmp_path)) == []
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
     assert generation_stop_ids(str(tmp_path / "tokenizer.json")) == [7]

@@ -6,49 +6,24 @@ import os
 import subprocess
 import sys
 
-import grain
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from ling_jax.configs import get_preset
-from ling_jax.data.tokenizer import load_tokenizer
 from ling_jax.infer import load_checkpoint
 from ling_jax.infer.loading import config_from_meta, snapshot_model_config
-from ling_jax.model import LingForCausalLM
-from ling_jax.train.checkpointing import Checkpointer, _identity_fields, default_checkpoint_config
-from ling_jax.train.train_step import init_train_state
-from tests.model.conftest import randomize
+from ling_jax.train.checkpointing import _identity_fields
+from tests.infer.run_dir import make_run_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _logits = nnx.jit(lambda model, ids: model(ids).logits)
-CORPUS = [
-    "def add(a, b):\n    return a + b\n",
-    "print('hello world')\n",
-    "x = [i * i for i in y]\n",
-]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A workdir as experiments.run leaves it: tokenizer/ and checkpoints/<step>/{state,...}."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    load_tokenizer("", workdir, lambda: CORPUS * 20, vocab_size=300)
-    cfg = get_preset("tiny")
-    cfg.vocab_size = 320
-    model = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    randomize(model)  # Fills every variable.
-    ids = jnp.asarray([[1, 2, 3, 4, 5, 6]])
-    reference = np.asarray(_logits(model, ids))
-    _, state = init_train_state(model, optax.adam(1e-3))
-    ckpt = default_checkpoint_config()
-    ckpt.async_save, ckpt.every_steps = False, 1
-    checkpointer = Checkpointer(workdir, ckpt, cfg)
-    checkpointer.save(7, state, iter(grain.MapDataset.range(4).to_iter_dataset()), force=True)
-    checkpointer.close()
-    return workdir, cfg, ids, reference
+    return (workdir, *make_run_dir(workdir))
 
 
 def test_restores_params_and_expert_bias(run_dir):

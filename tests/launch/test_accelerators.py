@@ -68,3 +68,11 @@ def test_default_topology_only_for_powers_of_two():
 def test_bad_accelerators(name, topology, message):
     with pytest.raises(LaunchError, match=message):
         parse_accelerator(name, topology)
+
+
+def test_v5e_is_the_v5litepod_name():
+    for chips in (1, 4, 256):
+        assert parse_accelerator(f"v5e-{chips}") == parse_accelerator(f"v5litepod-{chips}")
+    assert parse_accelerator("v5e-1").accelerator_type == "v5litepod-1"  # What gcloud takes.
+    with pytest.raises(LaunchError, match="v5litepod slices have"):
+        parse_accelerator("v5e-2")

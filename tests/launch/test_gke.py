@@ -139,7 +139,11 @@ def test_apply_logs_delete_dry_run(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--accelerator=v5p-256", f"--config={CONFIG}", "--workdir=gs://bkt/r"], "--image"),
+        (
+            ["--accelerator=v5p-256", f"--config={CONFIG}", "--workdir=gs://bkt/r"],
+            "--image is required for `render`: the container image to run, built from a commit "
+            "with launch/Dockerfile",
+        ),
         (["--accelerator=v9-8", f"--image={IMAGE}"], "unknown accelerator type 'v9-8'"),
         (["--accelerator=v5p-256", f"--image={IMAGE}", "--topology=4x4"], "expected 3 axes"),
         (["--accelerator=v5p-256", f"--image={IMAGE}", "--slices=0"], "--slices 0"),
