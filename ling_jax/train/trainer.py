@@ -2,14 +2,14 @@
 
 Builds the data pipeline, the model and the jitted step, resumes from the latest snapshot in
 `workdir` if there is one, then trains for `train.num_steps`, writing metrics, evaluating and
-saving snapshots periodically. SIGTERM (preemption) saves a snapshot and returns cleanly;
+saving snapshots periodically. SIGTERM (preemption) or Ctrl-C saves a snapshot (on every host
+at the same step; `ling_jax.train.preemption`) and returns cleanly;
 rerunning the same command resumes with the same data and the same loss trajectory.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Iterable
 
@@ -41,6 +41,7 @@ from ling_jax.train.metrics import (
     truncate_metrics,
 )
 from ling_jax.train.optimizer import make_optimizer
+from ling_jax.train.preemption import Interrupted, Preemption
 from ling_jax.train.profiling import ProfileWindow
 from ling_jax.train.schedules import make_schedule
 from ling_jax.train.sharded_state import init_sharded_train_state
@@ -52,21 +53,6 @@ from ling_jax.train.train_step import (
     make_train_step,
 )
 from ling_jax.train.workdir_lock import hold_workdir_lock
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a snapshot and stopping.")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -135,13 +121,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Runs (or resumes) the experiment; returns the last evaluation metrics.
 
     Raises WorkdirLockedError if another run holds `workdir`, NonFiniteError if the run
-    diverges (and `train.on_nonfinite` does not skip it)."""
+    diverges (and `train.on_nonfinite` does not skip it). SIGTERM or Ctrl-C saves a snapshot
+    and returns, on every process at the same step; one that arrives before the first step
+    stops at once and writes nothing.
+    """
     config = validate_experiment_config(config)
-    with hold_workdir_lock(workdir):
-        return _train_and_evaluate(config, workdir)
+    with Preemption() as preemption, hold_workdir_lock(workdir):
+        try:
+            return _train_and_evaluate(config, workdir, preemption)
+        except Interrupted as stop:
+            logging.warning(
+                "Stopped by %s before the first step: no snapshot written (earlier ones are kept).",
+                stop,
+            )
+            return {}
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, preemption: Preemption
+) -> dict[str, float]:
     workdir = paths.resolve(workdir)  # Local: absolute; gs://: unchanged.
     paths.makedirs(workdir)
     process_count, process_index = jax.process_count(), jax.process_index()
@@ -213,7 +211,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         )
 
     merged_eval = MergedEvaluation(config, workdir, checkpointer, shardings)
-    preemption = _Preemption()
     guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_nonfinite_skips)
     eval_metrics: dict[str, float] = {}
     window: list[dict] = []
@@ -231,7 +228,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if step < num_steps:
             _console("Compiling the train step (and running step %d)...", step + 1)
         while step < num_steps:
-            batch = _to_global(next(train_iter), row_sharding)
+            try:
+                # A wait on the prefetch thread can be abandoned without moving the iterator.
+                with preemption.interruptible(step == start_step or config.data.batch_prefetch):
+                    host_batch = next(train_iter)
+            except Interrupted:
+                if step == start_step:
+                    raise
+                if checkpointer.latest_step() != step:
+                    guard.check_now()  # Never snapshot the state of a non-finite step.
+                    checkpointer.save(step, state, train_iter, force=True)
+                logging.warning("Stopped at step %d while waiting for data; snapshot saved.", step)
+                break
+            batch = _to_global(host_batch, row_sharding)
             state, metrics = train_step(state, batch)
             step += 1
             guard.push(step, metrics)  # Checks the previous step: no wait on this one.
@@ -284,7 +293,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     writer.write_scalars(step, eval_metrics)
                     _console(format_eval_line(step, eval_metrics))
                 timer.resume()  # Evaluation is not training time.
-            save = last_step or preemption.requested
+            stop = preemption.should_stop(step, checkpointer.manager)
+            save = last_step or stop
             if save or checkpointer.manager.should_save(step):
                 guard.check_now()  # Never snapshot the state of a non-finite step.
             checkpointer.save(step, state, train_iter, force=save)
@@ -308,13 +318,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     _console(format_eval_line(step, merged_metrics, "eval/merged_"))
                 timer.resume()
             writer.flush()
-            if preemption.requested:
-                logging.warning("Stopped at step %d after SIGTERM; snapshot saved.", step)
+            if stop and not last_step:
+                logging.warning("Stopped at step %d on a stop request; snapshot saved.", step)
                 break
     finally:
         if profile is not None:
             profile.close()  # Unblocked: after an error the state may be gone.
-        preemption.restore()
         checkpointer.close()
         writer.close()
         close = getattr(train_iter, "close", None)
