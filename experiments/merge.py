@@ -20,8 +20,9 @@ and eval for --evaluate); by default it is the one the run last started with, as
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow backs clu's TensorBoard writer.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Quiets XLA's C++ logging.
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -30,6 +31,7 @@ from experiments.logs import quiet_library_logs
 from ling_jax.convert.hf_export import export_workdir  # noqa: E402
 from ling_jax.io import paths  # noqa: E402
 from ling_jax.train import merge  # noqa: E402
+from ling_jax.train.finite import NonFiniteError  # noqa: E402
 from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
 from ling_jax.train.wsm import decay_curve, merge_weights  # noqa: E402
 
@@ -54,6 +56,13 @@ flags.mark_flags_as_required(["workdir", "output"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        _merge()
+    except NonFiniteError as error:
+        sys.exit(f"error: {error}")  # A clear one-line reason and exit status 1.
+
+
+def _merge() -> None:
     quiet_library_logs()
     workdir = paths.resolve(_WORKDIR.value)
     config = _CONFIG.value

@@ -10,25 +10,15 @@ import re
 import subprocess
 import sys
 
-import jax
-
 from ling_jax.train.metrics import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.experiments.subprocesses import REPO, child_env
 
 
 def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -16,8 +14,7 @@ import pytest
 from experiments.configs import smoke
 from ling_jax.train.metrics import read_metrics
 from ling_jax.train.trainer import train_and_evaluate
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.experiments.subprocesses import start_smoke_run
 
 
 def smoke_config(**train):
@@ -103,34 +100,8 @@ def test_tokenizer_larger_than_model_vocab_fails(tmp_path):
         train_and_evaluate(cfg, str(tmp_path))
 
 
-def _run_command(workdir, *overrides):
-    # One CPU device (the in-process tests cover the 8-device mesh) and the session's XLA cache.
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "--config=experiments/configs/smoke.py",
-            f"--workdir={workdir}",
-            *overrides,
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_unknown_config_field_is_rejected(tmp_path):
-    proc = _run_command(tmp_path, "--config.optim.not_a_field=1")
+    proc = start_smoke_run(tmp_path, "--config.optim.not_a_field=1")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "not_a_field" in err
@@ -138,7 +109,7 @@ def test_unknown_config_field_is_rejected(tmp_path):
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     workdir = str(tmp_path)
-    proc = _run_command(workdir, "--config.train.num_steps=1000")
+    proc = start_smoke_run(workdir, "--config.train.num_steps=1000")
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -152,7 +123,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
     stopped_at = max(losses(workdir))
     assert max(saved) == stopped_at < 1000
-    rerun = _run_command(workdir, f"--config.train.num_steps={stopped_at + 2}")
+    rerun = start_smoke_run(workdir, f"--config.train.num_steps={stopped_at + 2}")
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-3000:]
     assert "Resuming from" in err
@@ -204,7 +175,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
     def two_processes(num_steps):
         port = _free_port()
         return [
-            _run_command(
+            start_smoke_run(
                 multi,
                 rows,
                 f"--config.train.num_steps={num_steps}",
@@ -215,7 +186,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
             for i in range(2)
         ]
 
-    _wait_all([_run_command(single, rows, "--config.train.num_steps=6")])
+    _wait_all([start_smoke_run(single, rows, "--config.train.num_steps=6")])
     _wait_all(two_processes(4))
     _wait_all(two_processes(6))  # resumes from the 2-process snapshot at step 4
     reference, resumed = losses(single), losses(multi)
@@ -280,7 +251,7 @@ def test_two_processes_stop_at_the_same_step_on_one_sigterm(tmp_path):
     def two_processes(num_steps):
         port = _free_port()
         return [
-            _run_command(
+            start_smoke_run(
                 workdir,
                 f"--config.train.num_steps={num_steps}",
                 # No evaluation, so that only the train step compiles.

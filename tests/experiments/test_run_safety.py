@@ -4,11 +4,8 @@ corrupt latest snapshot, NaN weights given to merge and generate."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -22,36 +19,8 @@ from ling_jax.train.merge import merge_target, restore_weights
 from ling_jax.train.metrics import METRICS_FILE, read_metrics
 from ling_jax.train.trainer import train_and_evaluate
 from ling_jax.train.workdir_lock import LOCK_FILE, WorkdirLockedError
+from tests.experiments.subprocesses import start_module, start_smoke_run
 from tests.train.conftest import build_model
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _command(module: str, *args: str) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _run(workdir, *overrides) -> subprocess.Popen:
-    return _command(
-        "experiments.run",
-        "--config=experiments/configs/smoke.py",
-        f"--workdir={workdir}",
-        *overrides,
-    )
 
 
 def _steps(workdir) -> list[int]:
@@ -65,7 +34,7 @@ def _snapshots(workdir) -> list[str]:
 def test_diverging_run_stops_and_keeps_its_finite_snapshot(tmp_path):
     """lr 1e30 from step 1: step 2's gradient is NaN. Retention keeps one snapshot: saving a
     NaN snapshot at step 2 would have evicted the finite one of step 1."""
-    proc = _run(
+    proc = start_smoke_run(
         tmp_path,
         "--config.optim.peak_lr=1e30",
         "--config.schedule.warmup_steps=0",
@@ -81,7 +50,7 @@ def test_diverging_run_stops_and_keeps_its_finite_snapshot(tmp_path):
 
 
 def test_second_run_on_the_workdir_is_refused_and_the_first_finishes(tmp_path):
-    first = _run(tmp_path, "--config.train.num_steps=4", "--config.eval.every_steps=100")
+    first = start_smoke_run(tmp_path, "--config.train.num_steps=4", "--config.eval.every_steps=100")
     lock = tmp_path / LOCK_FILE
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.exists() and lock.read_text()):
@@ -168,7 +137,7 @@ def test_merge_refuses_nan_weights(nan_snapshot):
 
 
 def test_generate_refuses_nan_weights(nan_snapshot):
-    proc = _command("experiments.generate", f"--checkpoint={nan_snapshot}", "--prompt=hi")
+    proc = start_module("experiments.generate", f"--checkpoint={nan_snapshot}", "--prompt=hi")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert f"snapshot 5 of {nan_snapshot} holds NaN/inf weights" in err
