@@ -195,3 +195,33 @@ def test_tpu_gets_the_ragged_all_to_all_primitive():
     for line in hlo.splitlines():
         if " all-to-all(" in line:
             assert "bf16[" not in line.split("all-to-all(")[0], line
+
+
+def test_ragged_buffers_vary_with_the_rows():
+    """With a second batch axis (fsdp), the native exchange's buffers must not be typed as
+    replicated over it: the row gradient would then be summed over fsdp (a psum of the whole
+    buffer in the backward pass, and wrong values). Traced only: XLA:CPU cannot compile it."""
+    mesh = Mesh(np.array(jax.devices()[:EP]).reshape(4, 2), (EXPERT_AXIS, "fsdp"))
+    exchange = functools.partial(exchange_ragged, axis=EXPERT_AXIS, axis_size=4, native=True)
+    spec = PartitionSpec((EXPERT_AXIS, "fsdp"))
+
+    def per_device(rows, sizes, weights):
+        def loss(rows):
+            out = exchange(rows, sizes[0], experts_compute(weights))
+            return jnp.sum(out**2)
+
+        return jax.grad(loss)(rows)
+
+    weight_spec = PartitionSpec(EXPERT_AXIS)
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, weight_spec), out_specs=spec)
+    jaxpr = jax.make_jaxpr(fn)(
+        jax.ShapeDtypeStruct((EP * N, EMBED), jnp.float32),
+        jax.ShapeDtypeStruct((EP, 4 * LOCAL), jnp.int32),
+        jax.ShapeDtypeStruct((4 * LOCAL, EMBED, EMBED), jnp.float32),
+    )
+    text = str(jaxpr)
+    assert text.count("ragged_all_to_all[") == 4
+    # The only sum over fsdp is the expert weights' gradient (the weights are replicated over
+    # fsdp inside the layer), computed though only d rows is asked for: [2 local, 4, 4].
+    sums = [line.split("=")[0] for line in text.splitlines() if "psum" in line]
+    assert sums and all(f"[{LOCAL},{EMBED},{EMBED}]" in s for s in sums), sums

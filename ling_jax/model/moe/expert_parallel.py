@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ling_jax.configs.model_config import EP_DISPATCH
+from ling_jax.model.moe.grouped_matmul import varying_like
 from ling_jax.model.params import LAYERS_AXIS
 from ling_jax.parallel.mesh import BATCH_AXES
 from ling_jax.parallel.sharding import ShardingContext
@@ -127,7 +128,9 @@ def exchange_ragged(
     recv_offsets = _exclusive_cumsum(recv_sizes)  # [src], source-major receive layout
     # Where my message starts in each destination's buffer: its recv_offsets[me].
     remote_offsets = jax.lax.all_to_all(recv_offsets, axis, 0, 0, tiled=True)  # [dest]
-    buffer = jnp.zeros((axis_size * n, embed), rows.dtype)
+    # The buffers vary like the rows: a fresh zeros array would be typed replicated, and the
+    # transpose would then all-reduce its cotangent over the batch axes.
+    buffer = varying_like(jnp.zeros((axis_size * n, embed), rows.dtype), rows)
     received = transport(
         rows, buffer, send_offsets, send_sizes, remote_offsets, recv_sizes, axis_name=axis
     )
@@ -141,7 +144,7 @@ def exchange_ragged(
 
     # The way back: the received layout is the message layout, and vice versa.
     home_offsets = jax.lax.all_to_all(send_offsets, axis, 0, 0, tiled=True)  # [src]
-    back = jnp.zeros((n, out.shape[1]), out.dtype)
+    back = varying_like(jnp.zeros((n, out.shape[1]), out.dtype), rows, out)
     return transport(out, back, recv_offsets, recv_sizes, home_offsets, send_sizes, axis_name=axis)
 
 

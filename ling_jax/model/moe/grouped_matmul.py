@@ -161,7 +161,7 @@ def _forward(lhs, rhs, layout, out_dtype):
         return jax.lax.dynamic_update_index_in_dim(y, out.reshape(-1, n).astype(out_dtype), c, 0)
 
     y = jnp.zeros((num_chunks, layout.src.shape[1], n), out_dtype)
-    y = jax.lax.fori_loop(0, layout.used_chunks, chunk, _varying_like(y, lhs, rhs, layout.src))
+    y = jax.lax.fori_loop(0, layout.used_chunks, chunk, varying_like(y, lhs, rhs, layout.src))
     return _take_rows(y.reshape(-1, n), layout.dest)  # [m, n]
 
 
@@ -180,9 +180,12 @@ def _varying_axes(x: jax.Array) -> set[str]:
     return set(jax.typeof(x).manual_axis_type.varying)
 
 
-def _varying_like(x: jax.Array, *others: jax.Array) -> jax.Array:
-    """Marks a fresh loop carry as varying over the manual mesh axes its updates vary over
-    (inside `shard_map`, a carry must keep one type across iterations)."""
+def varying_like(x: jax.Array, *others: jax.Array) -> jax.Array:
+    """Marks a fresh array (zeros) as varying over the manual mesh axes `others` vary over.
+
+    Inside `shard_map`, a loop carry must keep one type across iterations, and a buffer that
+    a collective fills must not claim to be replicated: autodiff would then sum its
+    cotangents over those axes (an all-reduce of the whole buffer, and wrong gradients)."""
     axes = set().union(*(_varying_axes(o) for o in others)) - _varying_axes(x)
     return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
@@ -213,8 +216,8 @@ def _xla_bwd(tile_rows, expected_rows, out_dtype, res, dout):
         return drhs, jax.lax.dynamic_update_index_in_dim(dx_all, dx, c, 0)
 
     varying = (lhs, rhs, dout, layout.src)
-    drhs = _varying_like(jnp.zeros(rhs.shape, jnp.float32), *varying)
-    dx = _varying_like(jnp.zeros((num_chunks, layout.src.shape[1], k), lhs.dtype), *varying)
+    drhs = varying_like(jnp.zeros(rhs.shape, jnp.float32), *varying)
+    dx = varying_like(jnp.zeros((num_chunks, layout.src.shape[1], k), lhs.dtype), *varying)
     drhs, dx = jax.lax.fori_loop(0, layout.used_chunks, chunk, (drhs, dx))
     dlhs = _take_rows(dx.reshape(-1, k), layout.dest)  # [m, k]
     return _match_manual_type(dlhs, lhs), _match_manual_type(drhs.astype(rhs.dtype), rhs), None
