@@ -20,6 +20,7 @@ from ml_collections import config_dict
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
 MOE_BACKENDS = ("xla", "ragged_dot", "pallas")
+EP_DISPATCH = ("ragged", "dense")
 ROPE_SCALING_TYPES = ("none", "yarn")
 ATTENTION_IMPLS = ("xla", "chunked")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -89,6 +90,11 @@ def base_model_config() -> ml_collections.ConfigDict:
     cfg.moe.backend = "xla"
     # Rows per tile of the XLA grouped-matmul backend; 0 chooses one from the shapes.
     cfg.moe.xla_tile_rows = 0
+    # How tokens travel to their experts' devices over the `expert` mesh axis (used only when
+    # that axis is > 1; ling_jax.model.moe.expert_parallel): "ragged" sends only the routed
+    # rows (ragged all-to-all) and the expert matmuls cost what the received rows need;
+    # "dense" sends a fixed worst-case buffer (EP x the bytes). Same values and gradients.
+    cfg.moe.ep_dispatch = "ragged"
 
     cfg.mtp = ml_collections.ConfigDict()
     cfg.mtp.num_layers = 1
@@ -173,6 +179,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     _check_choice(cfg, "attention.impl", ATTENTION_IMPLS)
     _check_choice(cfg, "moe.score_function", SCORE_FUNCTIONS)
     _check_choice(cfg, "moe.backend", MOE_BACKENDS)
+    if "ep_dispatch" in cfg.moe:  # Configs written before the field existed: "dense".
+        _check_choice(cfg, "moe.ep_dispatch", EP_DISPATCH)
     if cfg.tie_word_embeddings:
         _fail("tie_word_embeddings", True, "False (Ling 2.0 unties embedding and head)")
     if cfg.num_attention_heads % cfg.num_kv_heads:

@@ -55,7 +55,7 @@ def make_inputs(seed, dtype=jnp.float32):
 
 
 @functools.cache
-def value_and_grads(backend, tile_rows=TILE, out_dtype=None):
+def value_and_grads(backend, tile_rows=TILE, out_dtype=None, expected_rows=0):
     """jit(lhs, rhs, group_sizes, cotangent) -> ((loss, out), (d lhs, d rhs))."""
 
     def loss(lhs, rhs, group_sizes, cotangent):
@@ -65,6 +65,7 @@ def value_and_grads(backend, tile_rows=TILE, out_dtype=None):
             group_sizes,
             backend=backend,
             tile_rows=tile_rows,
+            expected_rows=expected_rows,
             preferred_element_type=out_dtype,
         )
         return jnp.vdot(out.astype(jnp.float32), cotangent), out
@@ -72,10 +73,11 @@ def value_and_grads(backend, tile_rows=TILE, out_dtype=None):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def check(backend, group_sizes, seed=0, tile_rows=TILE, tol=1e-4):
+def check(backend, group_sizes, seed=0, tile_rows=TILE, tol=1e-4, expected_rows=0):
     lhs, rhs, cotangent = make_inputs(seed)
     sizes = jnp.asarray(group_sizes, jnp.int32)
-    (_, out), (dlhs, drhs) = value_and_grads(backend, tile_rows)(lhs, rhs, sizes, cotangent)
+    fn = value_and_grads(backend, tile_rows, expected_rows=expected_rows)
+    (_, out), (dlhs, drhs) = fn(lhs, rhs, sizes, cotangent)
     ref_out, ref_dlhs, ref_drhs = reference(lhs, rhs, group_sizes, cotangent)
     np.testing.assert_allclose(out, ref_out, atol=tol, rtol=tol)
     np.testing.assert_allclose(dlhs, ref_dlhs, atol=tol, rtol=tol)
@@ -114,6 +116,35 @@ def test_xla_many_scan_chunks(monkeypatch):
             np.testing.assert_allclose(drhs, ref_drhs, atol=1e-4, rtol=1e-4)
     finally:
         gmm_module._xla_grouped_matmul.clear_cache()
+
+
+def test_xla_loop_runs_only_over_used_tiles():
+    """With a small expected load (as for an expert-parallel receive buffer) the chunks are
+    single tiles and the trip count is the tiles the group sizes need; any sizes stay exact."""
+    trips = {}
+    for case, sizes in GROUP_SIZES.items():
+        layout = gmm_module._tile_layout(jnp.asarray(sizes), M, K, N, TILE, expected_rows=8)
+        assert layout.tile_group.shape == (10, 1)  # ceil(40 / 8) + 5 tiles, one per chunk.
+        trips[case] = int(layout.used_chunks)
+        check("xla", sizes, expected_rows=8)
+    # Tiles per group: ceil(size / 8), summed.
+    assert trips == {
+        "uneven": 8,
+        "first_and_last_empty": 6,
+        "all_in_one_group": 5,
+        "tile_multiples": 5,
+        "padding_rows": 4,
+        "all_padding": 0,
+    }
+    # Without a hint (expected = M: 10 tiles) a chunk holds a quarter of them, 2 tiles.
+    layout = gmm_module._tile_layout(jnp.asarray([5, 0, 11, 3, 0]), M, K, N, TILE, M)
+    assert layout.tile_group.shape == (5, 2) and int(layout.used_chunks) == 2
+
+
+def test_expected_rows_out_of_range_is_rejected():
+    lhs, rhs, _ = make_inputs(0)
+    with pytest.raises(ValueError, match=r"expected_rows must be in \[0, m=40\]"):
+        grouped_matmul(lhs, rhs, jnp.full((G,), 8), backend="xla", expected_rows=41)
 
 
 @pytest.mark.parametrize("backend", GROUPED_MATMUL_BACKENDS)

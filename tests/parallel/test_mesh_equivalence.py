@@ -1,8 +1,9 @@
 """On 8 simulated devices, every mesh gives the single-device loss, gradients and router counts.
 
 One training step (loss, gradient norm, updated parameters, updated expert biases) and a few
-steps of training are compared for pure data parallelism, FSDP, expert parallelism (EP = 8),
-EP x FSDP and a mesh with tensor parallelism.
+steps of training are compared for pure data parallelism, FSDP, expert parallelism (EP = 8,
+with the default ragged token exchange and with the dense one), EP x FSDP and a mesh with
+tensor parallelism.
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ MESHES = {
     "data8": dict(data=8),
     "fsdp8": dict(fsdp=8),
     "ep8": dict(expert=8),
+    "ep8_dense": dict(expert=8),
     "ep4_fsdp2": dict(expert=4, fsdp=2),
     "data2_ep2_tp2": dict(data=2, expert=2, tensor=2),
 }
+# moe.ep_dispatch per mesh, where not the default ("ragged").
+EP_DISPATCH = {"ep8_dense": "dense"}
 STEPS = 3
 
 
-def setup():
+def setup(ep_dispatch: str = "ragged"):
     model_cfg = get_preset("tiny")
+    model_cfg.moe.ep_dispatch = ep_dispatch
     optim = train_config.default_optim_config()
     optim.peak_lr = 1e-2
     optim.bias_update_rate = 1e-2
@@ -53,8 +58,8 @@ def batches():
     return out
 
 
-def run(mesh_axes: dict[str, int] | None):
-    model_cfg, optim, train_cfg, schedule, optimizer = setup()
+def run(mesh_axes: dict[str, int] | None, ep_dispatch: str = "ragged"):
+    model_cfg, optim, train_cfg, schedule, optimizer = setup(ep_dispatch)
     mesh_cfg = default_mesh_config()
     for axis in mesh_cfg.ici:
         mesh_cfg.ici[axis] = (mesh_axes or {}).get(axis, 1)
@@ -81,7 +86,7 @@ def single_device():
 
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_mesh_matches_single_device(name, single_device):
-    state, history = run(MESHES[name])
+    state, history = run(MESHES[name], EP_DISPATCH.get(name, "ragged"))
     ref_state, ref_history = single_device
     for step, (got, ref) in enumerate(zip(history, ref_history, strict=True)):
         for key in ("loss", "ce", "mtp_loss", "grad_norm", "moe/max_load_ratio"):

@@ -21,8 +21,11 @@ class RoutedExperts(nnx.Module):
         self.up = normal_param(rngs, shape_in, ("exp", "embed", "expert_mlp"), config)
         self.down = normal_param(rngs, shape_out, ("exp", "expert_mlp", "embed"), config)
 
-    def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        # rows: [assignments, embed] sorted by expert; group_sizes: [E]
+    def __call__(
+        self, rows: jax.Array, group_sizes: jax.Array, expected_rows: int = 0
+    ) -> jax.Array:
+        # rows: [assignments, embed] sorted by expert; group_sizes: [E]. expected_rows: the
+        # real rows expected when `rows` is a worst-case buffer (expert parallelism), 0 = all.
         def gmm(lhs, weight, op):
             if fp8.enabled(self.config):
                 return fp8.grouped(self, op, lhs, weight, group_sizes)
@@ -32,6 +35,7 @@ class RoutedExperts(nnx.Module):
                 group_sizes,
                 backend=self.config.moe.backend,
                 tile_rows=self.config.moe.xla_tile_rows,
+                expected_rows=expected_rows,
             )
 
         # Gate and up share one grouped matmul (one dispatch layout, one pass over the rows).

@@ -16,13 +16,25 @@ group. The static buffer holds the worst case, ceil(m / t) + num_groups tiles. E
 its rows and its group's weight matrix, and batched matmuls [c, t, k] x [c, k, n] do the work;
 the rows are then gathered back to their sorted positions. Unused tiles and padding rows read
 zeros. The wasted work is at most num_groups * t rows, which the default tile keeps near m / 4.
-The tiles are processed in chunks of c tiles by a `lax.scan`, so that the gathered weights
+The tiles are processed in chunks of c tiles by a loop, so that the gathered weights
 ([c, k, n] per step) and rows stay a bounded working set: on CPU, materialising all tiles'
 weights at once made fwd + bwd about 2x slower. Memory is O(m * (k + n) + num_groups * k * n),
 never O(m * num_groups).
 
-The backward pass is a `jax.custom_vjp` over the same layout (autodiff of the scan would stack
-every step's gathered weights as residuals): d lhs is the same tiled matmul against the
+Cost scales with the real rows, not with m: the loop runs only over the chunks that hold
+used tiles (a data-dependent trip count, `_TileLayout.used_chunks`), so rows past
+sum(group_sizes) cost no FLOPs. This matters under expert parallelism, where the receive
+buffer is sized for the dropless worst case (every device sends everything to one device,
+m = EP x the rows actually received on average). There, `expected_rows` (the rows the caller
+expects to be real) sizes the tile and the chunk instead of m: a chunk holds at most a quarter
+of the expected load's tiles, so rounding the trip count up to whole chunks wastes at most
+25% of the expected work, on top of the tile padding (at most num_groups * t rows, <= 25% of
+the expected rows with the default tile). Nothing is dropped whatever the routing: a skewed
+load just runs more chunks, up to all of them.
+
+The backward pass is a `jax.custom_vjp` over the same layout (autodiff of a scan would stack
+every step's gathered weights as residuals, and a loop with a data-dependent trip count cannot
+be reverse-differentiated at all): d lhs is the same tiled matmul against the
 transposed weights, and d rhs accumulates each tile's lhs^T @ d out into its group.
 """
 
@@ -43,6 +55,8 @@ _MIN_TILE_ROWS = 8
 _MAX_TILE_ROWS = 512
 _CPU_CHUNK_BYTES = 4 << 20
 _ACCEL_CHUNK_BYTES = 1 << 30
+# A chunk holds at most 1 / _CHUNKS_PER_LOAD of the expected load's tiles (see the docstring).
+_CHUNKS_PER_LOAD = 4
 
 
 def default_tile_rows(m: int, num_groups: int) -> int:
@@ -60,7 +74,7 @@ def default_tile_rows(m: int, num_groups: int) -> int:
 
 
 def _chunk_tiles(tile_rows: int, k: int, n: int) -> int:
-    """Tiles per scan step: one step's fp32 working set (rows, weights, grads) within a target.
+    """Tiles per loop step: one step's fp32 working set (rows, weights, grads) within a target.
 
     Cache-sized on CPU, where streaming all tiles' gathered weights and rows through memory at
     once costs more than the matmuls; on accelerators the target only bounds memory.
@@ -71,7 +85,7 @@ def _chunk_tiles(tile_rows: int, k: int, n: int) -> int:
 
 
 class _TileLayout(NamedTuple):
-    """Index maps between the sorted rows and the tile-aligned buffer, split into scan chunks.
+    """Index maps between the sorted rows and the tile-aligned buffer, split into loop chunks.
 
     Buffer row p lies in tile p // t; chunk c holds tiles [c * tiles_per_chunk, ...).
     """
@@ -79,14 +93,28 @@ class _TileLayout(NamedTuple):
     tile_group: jax.Array  # [chunks, tiles_per_chunk] int32; unused tiles: the last group
     src: jax.Array  # [chunks, tiles_per_chunk * t] int32, sorted row of each buffer row, else m
     dest: jax.Array  # [m] int32, buffer row of each sorted row; out of range for padding rows
+    used_chunks: jax.Array  # [] int32, chunks holding a used tile: the loops' trip count
 
 
-def _tile_layout(group_sizes: jax.Array, m: int, k: int, n: int, tile_rows: int) -> _TileLayout:
-    num_groups = group_sizes.shape[0]
+def chunk_tiles_for(m: int, num_groups: int, k: int, n: int, tile_rows: int, expected_rows: int):
+    """(tiles per chunk, number of chunks) of the "xla" layout; static.
+
+    The chunk is the smaller of the working-set bound (`_chunk_tiles`) and a quarter of the
+    tiles the expected load needs, so the data-dependent trip count tracks the real rows.
+    """
     min_tiles = -(-m // tile_rows) + num_groups  # Static worst case: every group ends mid-tile.
-    num_chunks = -(-min_tiles // _chunk_tiles(tile_rows, k, n))
-    chunk_tiles = -(-min_tiles // num_chunks)
-    num_tiles = num_chunks * chunk_tiles  # < min_tiles + num_chunks
+    expected_tiles = -(-expected_rows // tile_rows) + num_groups
+    per_chunk = min(_chunk_tiles(tile_rows, k, n), max(1, expected_tiles // _CHUNKS_PER_LOAD))
+    num_chunks = -(-min_tiles // per_chunk)
+    return -(-min_tiles // num_chunks), num_chunks
+
+
+def _tile_layout(
+    group_sizes: jax.Array, m: int, k: int, n: int, tile_rows: int, expected_rows: int
+) -> _TileLayout:
+    num_groups = group_sizes.shape[0]
+    chunk_tiles, num_chunks = chunk_tiles_for(m, num_groups, k, n, tile_rows, expected_rows)
+    num_tiles = num_chunks * chunk_tiles
     sizes = group_sizes.astype(jnp.int32)  # [g]
     row_ends = jnp.cumsum(sizes)  # [g]
     row_starts = row_ends - sizes  # [g]
@@ -107,10 +135,12 @@ def _tile_layout(group_sizes: jax.Array, m: int, k: int, n: int, tile_rows: int)
     row_group = jnp.minimum(jnp.searchsorted(row_ends, row, side="right"), num_groups - 1)
     dest = buf_starts[row_group] + row - row_starts[row_group]
     dest = jnp.where(row < row_ends[-1], dest, num_tiles * tile_rows)
+    used_chunks = (tile_ends[-1] + chunk_tiles - 1) // chunk_tiles
     return _TileLayout(
         tile_group.reshape(num_chunks, chunk_tiles),
         src.astype(jnp.int32).reshape(num_chunks, chunk_tiles * tile_rows),
         dest.astype(jnp.int32),
+        used_chunks.astype(jnp.int32),
     )
 
 
@@ -121,27 +151,28 @@ def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 def _forward(lhs, rhs, layout, out_dtype):
     k, n = lhs.shape[1], rhs.shape[2]
-    chunk_tiles = layout.tile_group.shape[1]
+    num_chunks, chunk_tiles = layout.tile_group.shape
 
-    def chunk(_, idx):
-        tile_group, src = idx  # [c], [c * t]
+    def chunk(c, y):  # y: [chunks, c * t, n]; chunks past `used_chunks` stay zero.
+        tile_group, src = layout.tile_group[c], layout.src[c]  # [c], [c * t]
         x = _take_rows(lhs, src).reshape(chunk_tiles, -1, k)  # [c, t, k]
         w = jnp.take(rhs, tile_group, axis=0, mode="clip")  # [c, k, n]
-        y = jnp.einsum("ctk,ckn->ctn", x, w, preferred_element_type=jnp.float32)
-        return None, y.reshape(-1, n).astype(out_dtype)  # [c * t, n]
+        out = jnp.einsum("ctk,ckn->ctn", x, w, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_index_in_dim(y, out.reshape(-1, n).astype(out_dtype), c, 0)
 
-    _, y = jax.lax.scan(chunk, None, (layout.tile_group, layout.src))  # [chunks, c * t, n]
+    y = jnp.zeros((num_chunks, layout.src.shape[1], n), out_dtype)
+    y = jax.lax.fori_loop(0, layout.used_chunks, chunk, varying_like(y, lhs, rhs, layout.src))
     return _take_rows(y.reshape(-1, n), layout.dest)  # [m, n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _xla_grouped_matmul(lhs, rhs, group_sizes, tile_rows, out_dtype):
-    layout = _tile_layout(group_sizes, *lhs.shape, rhs.shape[2], tile_rows)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _xla_grouped_matmul(lhs, rhs, group_sizes, tile_rows, expected_rows, out_dtype):
+    layout = _tile_layout(group_sizes, *lhs.shape, rhs.shape[2], tile_rows, expected_rows)
     return _forward(lhs, rhs, layout, out_dtype)
 
 
-def _xla_fwd(lhs, rhs, group_sizes, tile_rows, out_dtype):
-    layout = _tile_layout(group_sizes, *lhs.shape, rhs.shape[2], tile_rows)
+def _xla_fwd(lhs, rhs, group_sizes, tile_rows, expected_rows, out_dtype):
+    layout = _tile_layout(group_sizes, *lhs.shape, rhs.shape[2], tile_rows, expected_rows)
     return _forward(lhs, rhs, layout, out_dtype), (lhs, rhs, layout)
 
 
@@ -149,9 +180,12 @@ def _varying_axes(x: jax.Array) -> set[str]:
     return set(jax.typeof(x).manual_axis_type.varying)
 
 
-def _varying_like(x: jax.Array, *others: jax.Array) -> jax.Array:
-    """Marks a fresh scan carry as varying over the manual mesh axes its updates vary over
-    (inside `shard_map`, a carry must keep one type across iterations)."""
+def varying_like(x: jax.Array, *others: jax.Array) -> jax.Array:
+    """Marks a fresh array (zeros) as varying over the manual mesh axes `others` vary over.
+
+    Inside `shard_map`, a loop carry must keep one type across iterations, and a buffer that
+    a collective fills must not claim to be replicated: autodiff would then sum its
+    cotangents over those axes (an all-reduce of the whole buffer, and wrong gradients)."""
     axes = set().union(*(_varying_axes(o) for o in others)) - _varying_axes(x)
     return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
@@ -163,30 +197,34 @@ def _match_manual_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
-def _xla_bwd(tile_rows, out_dtype, res, dout):
-    del tile_rows, out_dtype  # Baked into the layout / dout.
+def _xla_bwd(tile_rows, expected_rows, out_dtype, res, dout):
+    del tile_rows, expected_rows, out_dtype  # Baked into the layout / dout.
     lhs, rhs, layout = res
     k, n = rhs.shape[1:]
-    chunk_tiles = layout.tile_group.shape[1]
+    num_chunks, chunk_tiles = layout.tile_group.shape
 
-    def chunk(drhs, idx):
-        tile_group, src = idx  # [c], [c * t]
+    def chunk(c, carry):  # Only the used chunks, like the forward pass.
+        drhs, dx_all = carry
+        tile_group, src = layout.tile_group[c], layout.src[c]  # [c], [c * t]
         x = _take_rows(lhs, src).reshape(chunk_tiles, -1, k)  # [c, t, k]
         dy = _take_rows(dout, src).reshape(chunk_tiles, -1, n)  # [c, t, n]
         w = jnp.take(rhs, tile_group, axis=0, mode="clip")  # [c, k, n]
         dx = jnp.einsum("ctn,ckn->ctk", dy, w, preferred_element_type=jnp.float32)
         dw = jnp.einsum("ctk,ctn->ckn", x, dy, preferred_element_type=jnp.float32)
         drhs = drhs.at[tile_group].add(dw, indices_are_sorted=True)  # Each tile into its group.
-        return drhs, dx.reshape(-1, k).astype(lhs.dtype)  # [c * t, k]
+        dx = dx.reshape(-1, k).astype(lhs.dtype)  # [c * t, k]
+        return drhs, jax.lax.dynamic_update_index_in_dim(dx_all, dx, c, 0)
 
-    drhs = _varying_like(jnp.zeros(rhs.shape, jnp.float32), lhs, rhs, dout, layout.src)
-    drhs, dx = jax.lax.scan(chunk, drhs, (layout.tile_group, layout.src))
+    varying = (lhs, rhs, dout, layout.src)
+    drhs = varying_like(jnp.zeros(rhs.shape, jnp.float32), *varying)
+    dx = varying_like(jnp.zeros((num_chunks, layout.src.shape[1], k), lhs.dtype), *varying)
+    drhs, dx = jax.lax.fori_loop(0, layout.used_chunks, chunk, (drhs, dx))
     dlhs = _take_rows(dx.reshape(-1, k), layout.dest)  # [m, k]
     return _match_manual_type(dlhs, lhs), _match_manual_type(drhs.astype(rhs.dtype), rhs), None
 
 
 _xla_grouped_matmul.defvjp(_xla_fwd, _xla_bwd)
-_xla_grouped_matmul = jax.jit(_xla_grouped_matmul, static_argnums=(3, 4))
+_xla_grouped_matmul = jax.jit(_xla_grouped_matmul, static_argnums=(3, 4, 5))
 
 
 def grouped_matmul(
@@ -196,6 +234,7 @@ def grouped_matmul(
     *,
     backend: str,
     tile_rows: int = 0,
+    expected_rows: int = 0,
     preferred_element_type: DTypeLike | None = None,
 ) -> jax.Array:
     """Per-group matmul of sorted rows: out[rows of group g] = lhs[rows of group g] @ rhs[g].
@@ -205,7 +244,12 @@ def grouped_matmul(
       rhs: [num_groups, k, n], one weight matrix per group.
       group_sizes: [num_groups] int, rows per group; sum(group_sizes) <= m.
       backend: one of `GROUPED_MATMUL_BACKENDS`.
-      tile_rows: rows per tile of the "xla" backend; 0 picks `default_tile_rows(m, num_groups)`.
+      tile_rows: rows per tile of the "xla" backend; 0 picks
+        `default_tile_rows(expected_rows, num_groups)`.
+      expected_rows: "xla" backend: the real rows (sum(group_sizes)) the caller expects, when
+        lhs is a worst-case buffer (expert parallelism); sizes the tile and the chunk of the
+        data-dependent loop. Any group sizes stay correct; only the cost depends on it. 0 = m.
+        The "pallas" kernels' grid already follows the group sizes, so they ignore it.
       preferred_element_type: output dtype, default `lhs.dtype`. Accumulation is always fp32.
 
     Returns:
@@ -234,5 +278,8 @@ def grouped_matmul(
         return gmm(lhs, rhs, group_sizes, preferred_element_type=out_dtype, interpret=interpret)
     if tile_rows < 0:
         raise ValueError(f"tile_rows must be >= 0 (0 = automatic), got {tile_rows}.")
-    tile_rows = tile_rows or default_tile_rows(m, num_groups)
-    return _xla_grouped_matmul(lhs, rhs, group_sizes, tile_rows, out_dtype)
+    if not 0 <= expected_rows <= m:
+        raise ValueError(f"expected_rows must be in [0, m={m}] (0 = m), got {expected_rows}.")
+    expected_rows = expected_rows or m
+    tile_rows = tile_rows or default_tile_rows(expected_rows, num_groups)
+    return _xla_grouped_matmul(lhs, rhs, group_sizes, tile_rows, expected_rows, out_dtype)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from ling_jax.model.mlp import SwiGLU
 from ling_jax.model.moe.dispatch import combine, sort_by_expert
-from ling_jax.model.moe.expert_parallel import exchange_with_expert_owners, sharded_moe
+from ling_jax.model.moe.expert_parallel import sharded_moe
 from ling_jax.model.moe.experts import RoutedExperts
 from ling_jax.model.moe.router import Router, expert_token_counts
 from ling_jax.parallel import sharding
@@ -48,24 +50,23 @@ class MoE(nnx.Module):
         self,
         flat: jax.Array,
         flat_mask: jax.Array,
-        expert_axis: tuple[str, int] | None = None,
+        exchange: Callable[..., jax.Array] | None = None,
         batch_axes: tuple[str, ...] = (),
     ) -> tuple[jax.Array, MoEStats]:
         """Routes, runs and combines the experts for a flat batch of tokens.
 
-        flat: [tokens, embed]; flat_mask: [tokens]. Under shard_map, `expert_axis` = (mesh
-        axis, size) when this device holds only its share of the experts, and `batch_axes`
+        flat: [tokens, embed]; flat_mask: [tokens]. Under shard_map, `exchange(rows,
+        group_sizes, compute)` sends rows to their experts' devices when this device holds
+        only its share of the experts (`expert_parallel.expert_exchange`), and `batch_axes`
         are the axes whose devices hold other tokens (the statistics are summed over them).
         """
         num_experts = self.config.moe.num_experts
         routing = self.router(flat)
         rows, dispatch = sort_by_expert(flat, routing.expert_index, num_experts)
-        if expert_axis is None:
+        if exchange is None:
             expert_out = self.experts(rows, dispatch.group_sizes)
         else:
-            expert_out = exchange_with_expert_owners(
-                rows, dispatch.group_sizes, self.experts, *expert_axis
-            )
+            expert_out = exchange(rows, dispatch.group_sizes, self.experts)
         # The reference combines in fp32 and casts before adding the shared expert.
         y = combine(expert_out, routing.gate_weight, dispatch).astype(flat.dtype)
         if self.config.moe.num_shared_experts:
