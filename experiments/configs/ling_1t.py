@@ -17,10 +17,11 @@ from ling_jax.configs import get_preset
 # Verified with `python -m experiments.aot --config=experiments/configs/ling_1t.py:aot`: the
 # full train step compiles for this topology and fits in HBM per chip at this global batch (one
 # 4K sequence per chip) and these config fields: expert parallelism 8 x FSDP 128 within the
-# slice, and chunked attention (same values and gradients, no [seq, seq] score matrix): 86.9
-# of 95 GiB per chip. v5p-512 (512 sequences) does not fit: 102.6 GiB per chip at EP 8 x
-# FSDP 64 (106.7 with the default attention), 124.6 at EP 4, 110.2 at EP 16. README, "Running
-# on TPU".
+# slice, and chunked attention (same values and gradients, no [seq, seq] score matrix): 80.8
+# of 95 GiB per chip with the ragged expert dispatch (86.9 with moe.ep_dispatch=dense).
+# v5p-512 (512 sequences) did not fit with the dense dispatch: 102.6 GiB per chip at EP 8 x
+# FSDP 64 (106.7 with the default attention), 124.6 at EP 4, 110.2 at EP 16 (not re-measured
+# with the ragged dispatch). README, "Running on TPU".
 VERIFIED_TOPOLOGY = "v5p-1024"
 VERIFIED_BATCH = 1024
 VERIFIED_OVERRIDES = {

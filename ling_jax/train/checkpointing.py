@@ -39,6 +39,7 @@ _RUNTIME_MODEL_FIELDS = (
     "remat",
     "moe.backend",
     "moe.xla_tile_rows",
+    "moe.ep_dispatch",
     "attention.impl",
     "attention.chunk_size",
     "fp8.enabled",
