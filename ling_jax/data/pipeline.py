@@ -38,8 +38,9 @@ from absl import logging
 from grain import experimental as grain_experimental
 
 from ling_jax.data import embedded
+from ling_jax.data.chat import chat_jsonl_source, chat_sources, example_features, tokenize_transform
 from ling_jax.data.config import MixtureComponent, parse_mixture, validate_data_config
-from ling_jax.data.packing import PadBatch, TokenizeDocument, pack_examples
+from ling_jax.data.packing import PadBatch, pack_examples
 from ling_jax.data.sources import DocumentSource, open_documents, validation_mask
 from ling_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -106,7 +107,9 @@ def build_sources(
     The validation sources are the `validation_files` (one source), or else the documents held
     out of each component, weighted as the component is in training.
     """
-    if cfg.source == "embedded":
+    if cfg.chat:
+        named = chat_sources(cfg)
+    elif cfg.source == "embedded":
         fraction = cfg.embedded_arithmetic_fraction
         named = [("stdlib", 1.0 - fraction, embedded.stdlib_source())]
         if fraction > 0:
@@ -131,6 +134,10 @@ def build_sources(
             )
             for name, spec in zip(names, specs, strict=True)
         ]
+    if cfg.validation_files and cfg.chat:
+        held_out = chat_jsonl_source(cfg.validation_files, field="validation_files")
+        validation = [ValidationSource("validation", 1.0, held_out)]
+        return [Component(n, w, s) for n, w, s in named], validation
     if cfg.validation_files:
         validation = [
             ValidationSource(
@@ -219,9 +226,12 @@ def _train_rows(
     if cfg.shuffle:
         docs = docs.shuffle(seed)
     docs = docs.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
-    examples = docs.map(TokenizeDocument(tokenizer, add_eos=cfg.add_eos))
+    examples = docs.map(tokenize_transform(cfg, tokenizer))
     rows = pack_examples(
-        examples.to_iter_dataset(_read_options(cfg)), seq_len=cfg.seq_len, pad_id=tokenizer.pad_id
+        examples.to_iter_dataset(_read_options(cfg)),
+        seq_len=cfg.seq_len,
+        pad_id=tokenizer.pad_id,
+        features=example_features(cfg),
     )
     if cfg.shuffle and cfg.row_shuffle_window:
         rows = grain_experimental.WindowShuffleIterDataset(
@@ -288,11 +298,12 @@ def _validation_batches(
 
     def packed_rows(documents: DocumentSource, seed: int) -> grain.IterDataset:
         docs = grain.MapDataset.source(documents).shuffle(seed)
-        examples = docs.map(TokenizeDocument(tokenizer, add_eos=cfg.add_eos))
+        examples = docs.map(tokenize_transform(cfg, tokenizer))
         return pack_examples(
             examples.to_iter_dataset(_read_options(cfg)),
             seq_len=cfg.seq_len,
             pad_id=tokenizer.pad_id,
+            features=example_features(cfg),
         )
 
     # A shard may be empty on some hosts (a fixed validation_max_batches pads it); a component
