@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.rl = default_rl_config()
     cfg.rl.init_from = "runs/sft"
+    cfg.rl.max_new_tokens = 64  # A worked 3-operand solution is ~40 tokens of the 2048-BPE.
     cfg.optim = default_optim_config()
     cfg.optim.peak_lr = 1e-4
     cfg.optim.weight_decay = 0.0

@@ -133,6 +133,8 @@ def make_rl_step(
         def loss_fn(params):
             logp = token_log_probs(graphdef, params, state.expert_bias, batch)
             loss, metrics = surrogate(logp, old_logp, advantages, batch)
+            # With kl_beta = 0, ref_logp is old_logp: the metric then tracks the drift from the
+            # sampling policy instead.
             kl = losses.reference_kl(logp, ref_logp, batch["completion_mask"])
             metrics["kl"] = kl
             metrics["policy_loss"] = loss
