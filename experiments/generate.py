@@ -18,13 +18,13 @@ as one batch. Prefill and decode throughput are printed at the end (after a warm
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from ling_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -32,6 +32,8 @@ from ling_jax.infer import Generator, SamplingConfig, apply_chat_template, load_
 from ling_jax.infer.chat import generation_stop_ids, load_tokenizer_config
 from ling_jax.infer.generator import NO_TOKEN
 from ling_jax.infer.loading import snapshot_model_config
+from ling_jax.io import paths
+from ling_jax.train.finite import NonFiniteError, first_nonfinite_leaf
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (its .model).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An experiments.run workdir.")
@@ -83,6 +85,12 @@ def _set(config, dotted: str, value) -> None:
     config[name] = value
 
 
+def _refuse_nonfinite(model: nnx.Module, source: str) -> None:
+    bad = first_nonfinite_leaf(nnx.to_pure_dict(nnx.state(model)))
+    if bad is not None:
+        raise NonFiniteError(f"{source} holds NaN/inf weights (first: `{bad}`); refusing to load")
+
+
 def _load_model():
     dtype = _DTYPE.value or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if bool(_CHECKPOINT.value) == bool(_HF_DIR.value):
@@ -92,7 +100,8 @@ def _load_model():
 
         overrides = _overrides(pretrained_config(_HF_DIR.value))
         model = load_pretrained(_HF_DIR.value, dtype=dtype, config_overrides=overrides)
-        return model, _TOKENIZER.value or os.path.join(_HF_DIR.value, "tokenizer.json")
+        _refuse_nonfinite(model, f"HF checkpoint {_HF_DIR.value}")
+        return model, _TOKENIZER.value or paths.join(_HF_DIR.value, "tokenizer.json")
     if _CONFIG.value is not None:
         config = _CONFIG.value.model
     else:
@@ -100,16 +109,16 @@ def _load_model():
     for dotted, value in _overrides(config).items():
         _set(config, dotted, value)
     model, step = load_checkpoint(_CHECKPOINT.value, step=_STEP.value, config=config, dtype=dtype)
+    _refuse_nonfinite(model, f"snapshot {step} of {_CHECKPOINT.value}")
     print(f"[restored step {step} of {_CHECKPOINT.value}]", flush=True)
-    default_tokenizer = os.path.join(_CHECKPOINT.value, "tokenizer", "tokenizer.json")
+    default_tokenizer = paths.join(_CHECKPOINT.value, "tokenizer", "tokenizer.json")
     return model, _TOKENIZER.value or default_tokenizer
 
 
 def _prompts(tokenizer: Tokenizer, tokenizer_path: str) -> list[np.ndarray]:
     texts = list(_PROMPT.value)
     if _PROMPT_FILE.value:
-        with open(_PROMPT_FILE.value) as f:
-            texts.append(f.read())
+        texts.append(paths.read_text(_PROMPT_FILE.value))
     if not texts:
         raise app.UsageError("give --prompt (or --prompt_file)")
     template = load_tokenizer_config(tokenizer_path).get("chat_template")
@@ -149,7 +158,7 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax's restore chatter would bury the text.
     model, tokenizer_path = _load_model()
-    if not os.path.exists(tokenizer_path):
+    if not paths.exists(tokenizer_path):
         raise app.UsageError(f"no tokenizer at {tokenizer_path}: pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_path, workdir=None)
     prompts = _prompts(tokenizer, tokenizer_path)

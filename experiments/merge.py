@@ -28,6 +28,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments.logs import quiet_library_logs
 from ling_jax.convert.hf_export import export_workdir  # noqa: E402
+from ling_jax.io import paths  # noqa: E402
 from ling_jax.train import merge  # noqa: E402
 from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
 from ling_jax.train.wsm import decay_curve, merge_weights  # noqa: E402
@@ -54,14 +55,14 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = paths.resolve(_WORKDIR.value)
     config = _CONFIG.value
     if config is None:
         config = merge.run_config(workdir)
-        print(f"config: the run's, recorded in {os.path.join(workdir, 'metrics.jsonl')}")
+        print(f"config: the run's, recorded in {paths.join(workdir, 'metrics.jsonl')}")
     decay_curve(_SHAPE.value)  # Fails early on an unknown shape.
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    losses = merge.validation_losses(workdir) if os.path.exists(metrics_path) else {}
+    metrics_path = paths.join(workdir, "metrics.jsonl")
+    losses = merge.validation_losses(workdir) if paths.exists(metrics_path) else {}
     steps = merge.select_steps(
         merge.snapshot_steps(workdir),
         last=_LAST.value,

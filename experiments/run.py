@@ -9,15 +9,16 @@ or `--config.train.num_steps=50`. Rerunning the same command resumes from the la
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow backs clu's TensorBoard writer.
-
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments.logs import quiet_library_logs
-from ling_jax.train.trainer import train_and_evaluate  # noqa: E402
+from ling_jax.train.finite import NonFiniteError
+from ling_jax.train.trainer import train_and_evaluate
+from ling_jax.train.workdir_lock import WorkdirLockedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
@@ -55,7 +56,10 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     initialize_distributed()
     logging.info("JAX %s on %s", jax.__version__, jax.devices())
-    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (NonFiniteError, WorkdirLockedError) as error:
+        sys.exit(f"error: {error}")  # A clear one-line reason and exit status 1.
     for name, value in sorted(metrics.items()):
         print(f"{name}={value:.4f}")
 

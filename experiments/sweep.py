@@ -18,12 +18,12 @@ skipped and interrupted ones resume; the table goes to <root>/results.csv and re
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from experiments.sweeps.results import collect, format_table, write_results
 from experiments.sweeps.runner import launch_commands, run_sweep, tpu_launch_commands
 from experiments.sweeps.spec import load_sweep, parse_assignment
+from ling_jax.io import paths
 
 TABLE_COLUMNS = ["name", "state", "last_step", "num_steps", "eval_loss", "train_ce", "wall_seconds"]
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             lines = launch_commands(sweep, args.root)
         print("\n".join(lines))
         return 0
-    root = os.path.abspath(args.root)
+    root = paths.resolve(args.root)
     if not args.status:
         try:
             run_sweep(sweep, root, parallel=args.parallel)

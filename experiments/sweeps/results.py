@@ -10,13 +10,14 @@ Rows are plain dicts (`pandas.DataFrame(rows)` or `to_dataframe`), written to
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from typing import Any
 
 from experiments.sweeps.runner import point_status
 from experiments.sweeps.spec import Sweep
+from ling_jax.io import paths
 from ling_jax.train.metrics import METRICS_FILE, read_metrics
 
 RESULTS_CSV = "results.csv"
@@ -35,10 +36,8 @@ def collect(sweep: Sweep, root: str) -> list[dict[str, Any]]:
         status = point_status(point, root)
         row: dict[str, Any] = {"name": point.name, "state": status.state, **point.tags}
         row.update(num_steps=status.num_steps, last_step=status.last_step)
-        workdir = os.path.join(root, point.name)
-        records = (
-            read_metrics(workdir) if os.path.exists(os.path.join(workdir, METRICS_FILE)) else []
-        )
+        workdir = paths.join(root, point.name)
+        records = read_metrics(workdir) if paths.exists(paths.join(workdir, METRICS_FILE)) else []
         row["eval_loss"] = _last(records, "eval/loss", status.num_steps)
         row["eval_bits_per_byte"] = _last(records, "eval/bits_per_byte", status.num_steps)
         row["train_ce"] = _last(records, "train/ce")
@@ -50,27 +49,26 @@ def collect(sweep: Sweep, root: str) -> list[dict[str, Any]]:
 
 def write_results(rows: list[dict[str, Any]], root: str) -> tuple[str, str]:
     """Writes results.csv (scalar columns) and results.json (everything); returns the paths."""
-    os.makedirs(root, exist_ok=True)
-    csv_path, json_path = os.path.join(root, RESULTS_CSV), os.path.join(root, RESULTS_JSON)
+    paths.makedirs(root)
+    csv_path, json_path = paths.join(root, RESULTS_CSV), paths.join(root, RESULTS_JSON)
     columns: list[str] = []
     for row in rows:
         columns += [k for k, v in row.items() if k not in columns and not isinstance(v, dict)]
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2, default=str)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths.write_text(csv_path, table.getvalue())
+    paths.write_text(json_path, json.dumps(rows, indent=2, default=str))
     return csv_path, json_path
 
 
 def read_results(root: str) -> list[dict[str, Any]]:
     """The rows of `<root>/results.json` (eval curves keyed by int steps again)."""
-    path = os.path.join(root, RESULTS_JSON)
-    if not os.path.exists(path):
+    path = paths.join(root, RESULTS_JSON)
+    if not paths.exists(path):
         raise FileNotFoundError(f"{path} not found: run the sweep (or collect it) first")
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
+    rows = json.loads(paths.read_text(path))
     for row in rows:
         row["eval_curve"] = {int(k): v for k, v in row.get("eval_curve", {}).items()}
     return rows

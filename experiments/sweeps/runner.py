@@ -19,11 +19,13 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 
 from experiments.sweeps.spec import REPO, Point, Sweep
 from launch.steps import MAX_NAME
+from ling_jax.io import paths
 from ling_jax.train.metrics import METRICS_FILE, read_metrics
 
 MANIFEST = "sweep.json"
@@ -44,10 +46,10 @@ def point_status(point: Point, root: str, num_steps: int | None = None) -> Point
     """Reads `<root>/<point>/metrics.jsonl`; `num_steps` defaults to the point's config."""
     if num_steps is None:
         num_steps = point.num_steps
-    path = os.path.join(root, point.name, METRICS_FILE)
-    if not os.path.exists(path):
+    path = paths.join(root, point.name, METRICS_FILE)
+    if not paths.exists(path):
         return PointStatus(point.name, "pending", num_steps, None)
-    records = read_metrics(os.path.join(root, point.name))
+    records = read_metrics(paths.join(root, point.name))
     last = max((r["step"] for r in records), default=None)
     done = any(r["step"] == num_steps and "eval/loss" in r for r in records)
     return PointStatus(point.name, "done" if done else "partial", num_steps, last)
@@ -55,14 +57,13 @@ def point_status(point: Point, root: str, num_steps: int | None = None) -> Point
 
 def check_manifest(sweep: Sweep, root: str) -> None:
     """Refuses points whose recorded definition differs; records the new ones."""
-    path = os.path.join(root, MANIFEST)
+    path = paths.join(root, MANIFEST)
     recorded: dict = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                recorded = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+    if paths.exists(path):
+        try:
+            recorded = json.loads(paths.read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it") from e
     points = recorded.setdefault("points", {})
     changed = [
         p.name for p in sweep.points if p.name in points and points[p.name] != p.definition()
@@ -78,11 +79,31 @@ def check_manifest(sweep: Sweep, root: str) -> None:
     for p in sweep.points:
         points[p.name] = p.definition()
     recorded["name"] = sweep.name
-    os.makedirs(root, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(recorded, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    paths.makedirs(root)
+    paths.write_text(path, json.dumps(recorded, indent=2, sort_keys=True))
+
+
+class _PointLog:
+    """A point's run.log as the run's stdout. Locally the file itself, opened for append; in a
+    bucket (no append there) a local temporary file whose text is added to the object when
+    the run ends (`close`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if paths.is_remote(path):
+            self._file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
+        else:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        if paths.is_remote(self.path):
+            self._file.seek(0)
+            before = paths.read_text(self.path) if paths.exists(self.path) else ""
+            paths.write_text(self.path, before + self._file.read())
+        self._file.close()
 
 
 def launch_commands(sweep: Sweep, root: str, python: str = "python") -> list[str]:
@@ -139,7 +160,7 @@ def run_sweep(
     """
     if parallel < 1:
         raise ValueError(f"parallel = {parallel!r}: expected >= 1")
-    root = os.path.abspath(root)
+    root = paths.resolve(root)
     steps = sweep.num_steps()  # Loads and validates every config.
     check_manifest(sweep, root)
     todo = [p for p in sweep.points if point_status(p, root, steps[p.name]).state != "done"]
@@ -147,9 +168,9 @@ def run_sweep(
     running: list[tuple[Point, subprocess.Popen, float, object]] = []
 
     def start(point: Point) -> None:
-        workdir = os.path.join(root, point.name)
-        os.makedirs(workdir, exist_ok=True)
-        log = open(os.path.join(workdir, LOG_FILE), "a", encoding="utf-8")  # noqa: SIM115
+        workdir = paths.join(root, point.name)
+        paths.makedirs(workdir)
+        log = _PointLog(paths.join(workdir, LOG_FILE))
         if echo:
             print(f"$ {point.command(root)}", flush=True)
         proc = subprocess.Popen(
@@ -172,7 +193,7 @@ def run_sweep(
                 if echo:
                     outcome = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                     minutes = (time.perf_counter() - started) / 60
-                    where = os.path.join(root, point.name, LOG_FILE)
+                    where = paths.join(root, point.name, LOG_FILE)
                     print(f"  {point.name}: {outcome} in {minutes:.1f} min ({where})", flush=True)
                 return
             if not block:

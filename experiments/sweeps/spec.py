@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from ling_jax.configs import set_fields
+from ling_jax.io import paths
 from ling_jax.train.experiment import validate_experiment_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,7 +100,7 @@ class Point:
 
     def command(self, root: str, python: str = "python") -> str:
         """The shell command that trains this point into `<root>/<name>`."""
-        args = self.args(os.path.join(root, self.name))
+        args = self.args(paths.join(root, self.name))
         return " ".join([python, "-m", *map(shlex.quote, args)])
 
     def experiment_config(self) -> ml_collections.ConfigDict:

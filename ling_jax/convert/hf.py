@@ -55,6 +55,7 @@ from ling_jax.convert.hf_io import (
     first_names,
     plan_shards,
     prepare_output,
+    prepare_remote_output,
     read_hf_config,
     write_safetensors,
 )
@@ -64,6 +65,7 @@ from ling_jax.convert.hf_layout import (
     hf_tensors_from_state,
     state_from_hf_tensors,
 )
+from ling_jax.io import paths
 from ling_jax.model import LingForCausalLM, count_params
 
 __all__ = [
@@ -158,7 +160,7 @@ def load_hf_state(
     FP8 weights (F8_E4M3 + `weight_scale_inv`, with the block size of config.json's
     `quantization_config`) are dequantized in float32, then cast to the leaf's dtype.
     """
-    path = Path(path)
+    path = Path(paths.local_folder(os.fspath(path)))  # A gs:// folder is read from a copy.
     if abstract_state is None:
         _, abstract_state = nnx.split(_abstract_model(config))
     block = None
@@ -220,8 +222,13 @@ def save_hf_state(
     `fp8=True` writes the released FP8 format (`hf_fp8`): the decoder linears as E4M3 with
     float32 `weight_scale_inv` per 128 x 128 block, quantized from the state's own values, the
     other tensors in `dtype` (default bfloat16, as released), and `quantization_config` in
-    config.json.
+    config.json. A gs:// `path` is written locally first, then uploaded.
     """
+    if paths.is_remote(os.fspath(path)):
+        prepare_remote_output(os.fspath(path), overwrite)
+        with paths.staged_folder(os.fspath(path)) as staging:
+            save_hf_state(state, config, staging, max_shard_bytes, dtype, overwrite, fp8)
+        return
     path = Path(path)
     if dtype is not None and jnp.dtype(dtype).itemsize == 1:
         raise ValueError(f"dtype {dtype!r} would cast every tensor: pass fp8=True instead")

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from ling_jax.convert.hf import save_pretrained
-from ling_jax.convert.hf_io import CONFIG_FILE
+from ling_jax.convert.hf_io import CONFIG_FILE, prepare_remote_output
 from ling_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from ling_jax.infer.loading import load_checkpoint
+from ling_jax.io import paths
 
 # The remote-code files of the released checkpoints and the auto_map entries naming them.
 REMOTE_CODE_FILES = ("configuration_bailing_moe_v2.py", "modeling_bailing_moe_v2.py")
@@ -44,10 +45,9 @@ _RUN_TOKENIZER = os.path.join("tokenizer", "tokenizer.json")  # where experiment
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def _token(tokenizer: Tokenizer, token_id: int) -> str:
@@ -64,9 +64,9 @@ def save_hf_tokenizer(
     """
     path = Path(path)
     tokenizer.hf.save(str(path / "tokenizer.json"))
-    folder = os.path.dirname(source)
+    folder = paths.dirname(source)
     eos, pad = _token(tokenizer, tokenizer.eos_id), _token(tokenizer, tokenizer.pad_id)
-    config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    config = _read_json(paths.join(folder, "tokenizer_config.json"))
     for key in ("auto_map", "tokenizer_file"):  # They would point outside this folder.
         config.pop(key, None)
     config.update(
@@ -78,10 +78,10 @@ def save_hf_tokenizer(
     config.setdefault("bos_token", None)
     config.setdefault("clean_up_tokenization_spaces", False)
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    special = _read_json(os.path.join(folder, "special_tokens_map.json"))
+    special = _read_json(paths.join(folder, "special_tokens_map.json"))
     special.update(eos_token=eos, pad_token=pad)
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    generation = _read_json(os.path.join(folder, "generation_config.json"))
+    generation = _read_json(paths.join(folder, "generation_config.json"))
     generation.setdefault("eos_token_id", tokenizer.eos_id)
     generation["pad_token_id"] = tokenizer.pad_id
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -123,11 +123,26 @@ def export_workdir(
     """Writes snapshot `step` (default: the latest) of run `workdir` and its tokenizer as an HF
     folder; returns the step. `tokenizer` defaults to the BPE the run cached in
     `<workdir>/tokenizer/` (a run trained on a given tokenizer.json must name it); `dtype` casts
-    the weights (None keeps the stored dtype)."""
-    source = tokenizer or os.path.join(workdir, _RUN_TOKENIZER)
-    if os.path.isdir(source):
-        source = os.path.join(source, "tokenizer.json")
-    if not os.path.isfile(source):
+    the weights (None keeps the stored dtype). A gs:// `output` is written locally, then
+    uploaded."""
+    if paths.is_remote(os.fspath(output)):
+        prepare_remote_output(os.fspath(output), overwrite)
+        with paths.staged_folder(os.fspath(output)) as staging:
+            return export_workdir(
+                workdir,
+                staging,
+                step=step,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                max_shard_bytes=max_shard_bytes,
+                overwrite=overwrite,
+                fp8=fp8,
+                remote_code=remote_code,
+            )
+    source = tokenizer or paths.join(workdir, _RUN_TOKENIZER)
+    if paths.isdir(source):
+        source = paths.join(source, "tokenizer.json")
+    if not paths.isfile(source):
         raise FileNotFoundError(
             f"no tokenizer at {source}: the run did not train one in its workdir; pass the "
             "tokenizer.json it trained with (--tokenizer)"

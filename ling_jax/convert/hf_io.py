@@ -18,6 +18,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from ling_jax.io import paths
+
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,8 +36,8 @@ _RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The dict of `path/config.json`; errors name the file."""
-    file = Path(path) / CONFIG_FILE
+    """The dict of `path/config.json`; errors name the file. `path` may be a gs:// folder."""
+    file = Path(paths.local_folder(os.fspath(path))) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: {file} does not exist")
     try:
@@ -52,7 +54,7 @@ class CheckpointReader(contextlib.ExitStack):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
-        self.path = Path(path)
+        self.path = Path(paths.local_folder(os.fspath(path)))  # safetensors reads local files.
         index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
         if index.is_file():
             self.weight_map = self._read_index(index)
@@ -161,6 +163,19 @@ def write_safetensors(file: Path, specs, tensors: Iterator[tuple[str, np.ndarray
                 raise AssertionError(f"tensor stream out of step: {got} vs {name}")
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
     return offset
+
+
+def prepare_remote_output(path: str, overwrite: bool) -> None:
+    """`prepare_output` for a gs:// folder (written by uploading a local staging folder)."""
+    entries = paths.listdir(path) if paths.isdir(path) else []
+    if entries and not overwrite:
+        raise FileExistsError(
+            f"{path} is not empty ({first_names(set(entries), 4)}); "
+            "pass overwrite=True (--overwrite) to write there"
+        )
+    for name in entries:
+        if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.fullmatch(name):
+            paths.remove(paths.join(path, name))
 
 
 def prepare_output(path: Path, overwrite: bool) -> None:

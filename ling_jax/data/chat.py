@@ -28,11 +28,7 @@ import numpy as np
 
 from ling_jax.data.config import MixtureComponent, parse_mixture
 from ling_jax.data.embedded import arithmetic_problem
-from ling_jax.data.packing import (
-    EXAMPLE_FEATURES,
-    MASKED_EXAMPLE_FEATURES,
-    TokenizeDocument,
-)
+from ling_jax.data.packing import EXAMPLE_FEATURES, MASKED_EXAMPLE_FEATURES
 from ling_jax.data.sources import DocumentSource, JsonlReader, expand_globs
 from ling_jax.data.tokenizer import Tokenizer
 from ling_jax.infer.chat import THINKING_MODES, ling_chat_prompt
@@ -90,8 +86,7 @@ class ChatJsonlReader(JsonlReader):
     """A JSONL file whose every line is one conversation; the document is the line's JSON."""
 
     def read(self, index: int) -> str:
-        raw = os.pread(self._file(), int(self._lengths[index]), int(self._starts[index]))
-        return raw.decode("utf-8")
+        return self._read_line(index).decode("utf-8")  # JsonlReader's line access (pread/seek).
 
 
 def chat_jsonl_source(spec: str, *, field: str) -> DocumentSource:
@@ -186,11 +181,28 @@ def chat_sources(cfg: ml_collections.ConfigDict) -> list[tuple[str, float, Docum
     return [(s.files, s.weight, chat_jsonl_source(s.files, field=field)) for s in specs]
 
 
-def tokenize_transform(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> grain.MapTransform:
-    """Documents -> shifted examples: `TokenizeChat` under data.chat, else `TokenizeDocument`."""
-    if cfg.chat:
-        return TokenizeChat(tokenizer, thinking=cfg.chat_thinking)
-    return TokenizeDocument(tokenizer, add_eos=cfg.add_eos)
+class ReadChat(grain.transforms.Map):
+    """Document index -> `TokenizeChat` example of that conversation of `source`."""
+
+    def __init__(self, source: DocumentSource, tokenizer: Tokenizer, *, thinking: str):
+        self.source = source
+        self.tokenize = TokenizeChat(tokenizer, thinking=thinking)
+
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        return self.tokenize.map(self.source[int(index)])
+
+
+def chat_examples(
+    order: grain.MapDataset,
+    source: DocumentSource,
+    tokenizer: Tokenizer,
+    *,
+    thinking: str,
+    read_options: grain.ReadOptions,
+) -> grain.IterDataset:
+    """Shifted chat examples (with `loss_mask`) of the conversations at the indices `order`
+    yields; the counterpart of `ling_jax.data.chunking.tokenized_examples`."""
+    return order.map(ReadChat(source, tokenizer, thinking=thinking)).to_iter_dataset(read_options)
 
 
 def example_features(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

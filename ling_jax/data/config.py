@@ -104,6 +104,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Threads reading and tokenizing documents, and documents they may run ahead.
     cfg.read_threads = 2
     cfg.prefetch_buffer_size = 64
+    # Documents longer than this many characters are tokenized (and fed to the BPE trainer)
+    # in chunks of this size as training reaches them, so the read-ahead buffer holds at most
+    # prefetch_buffer_size chunks, not whole documents of any length.
+    cfg.document_chunk_chars = 65536
     # Batches prepared ahead in a background thread (0 = none); checkpointable.
     cfg.batch_prefetch = 2
     # Worker processes producing training batches (grain `mp_prefetch`); 0 = in-process.
@@ -197,6 +201,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
         _fail("read_threads", cfg.read_threads, ">= 1")
     if cfg.prefetch_buffer_size < 1:
         _fail("prefetch_buffer_size", cfg.prefetch_buffer_size, ">= 1")
+    if cfg.document_chunk_chars < 256:
+        _fail("document_chunk_chars", cfg.document_chunk_chars, ">= 256")
     if cfg.worker_count < 0:
         _fail("worker_count", cfg.worker_count, ">= 0 (0 = in-process)")
     if cfg.batch_prefetch < 0:

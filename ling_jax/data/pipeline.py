@@ -38,7 +38,8 @@ from absl import logging
 from grain import experimental as grain_experimental
 
 from ling_jax.data import embedded
-from ling_jax.data.chat import chat_jsonl_source, chat_sources, example_features, tokenize_transform
+from ling_jax.data.chat import chat_examples, chat_jsonl_source, chat_sources, example_features
+from ling_jax.data.chunking import check_usable, text_pieces, tokenized_examples
 from ling_jax.data.config import MixtureComponent, parse_mixture, validate_data_config
 from ling_jax.data.packing import PadBatch, pack_examples
 from ling_jax.data.sources import DocumentSource, open_documents, validation_mask
@@ -47,6 +48,8 @@ from ling_jax.data.tokenizer import Tokenizer, load_tokenizer
 # Validation order does not depend on the run seed, so runs with different seeds are compared
 # on the same batches.
 _VALIDATION_SEED = 0x5EED
+# Longest string handed to the BPE trainer.
+_BPE_PIECE_CHARS = 1 << 20
 
 
 class Datasets(NamedTuple):
@@ -161,11 +164,16 @@ def build_sources(
     return components, validation
 
 
-def tokenizer_corpus(components: Sequence[Component], max_bytes: int = 0) -> Iterator[str]:
+def tokenizer_corpus(
+    components: Sequence[Component], max_bytes: int = 0, max_chars: int = _BPE_PIECE_CHARS
+) -> Iterator[str]:
     """Training documents for the BPE, drawn from the components in their proportions of bytes.
 
     Each component is read in a fixed pseudo-random order (by document key), so a byte cap
     still samples all of it. Stops when a component runs out or after `max_bytes` (0 = no cap).
+    Documents longer than `max_chars` are yielded in pieces, so that the trainer spreads a
+    huge document over its threads (pieces longer than any stdlib file leave the embedded
+    corpus's BPE as it was).
     """
     orders = [np.argsort(c.train.keys(), kind="stable") for c in components]
     consumed = [0] * len(components)
@@ -181,7 +189,7 @@ def tokenizer_corpus(components: Sequence[Component], max_bytes: int = 0) -> Ite
         size = len(doc.encode("utf-8"))
         seen[i] += size
         total += size
-        yield doc
+        yield from text_pieces(doc, max_chars)
         if max_bytes and total >= max_bytes:
             return
 
@@ -194,6 +202,23 @@ def _shard(source: DocumentSource, process_index: int, process_count: int) -> Do
 def _read_options(cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
     return grain.ReadOptions(
         num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size
+    )
+
+
+def _examples(
+    order: grain.MapDataset, documents: DocumentSource, tokenizer: Tokenizer, cfg
+) -> grain.IterDataset:
+    if cfg.chat:  # Conversations are short: whole, never cut into chunks.
+        return chat_examples(
+            order, documents, tokenizer, thinking=cfg.chat_thinking, read_options=_read_options(cfg)
+        )
+    return tokenized_examples(
+        order,
+        documents,
+        tokenizer,
+        add_eos=cfg.add_eos,
+        max_chars=cfg.document_chunk_chars,
+        read_options=_read_options(cfg),
     )
 
 
@@ -222,13 +247,28 @@ def _train_rows(
             f"training source {component.name!r}: {len(component.train)} documents cannot give "
             f"each of {process_count} processes one"
         )
-    docs = grain.MapDataset.source(shard)
+    logging.info(
+        "process %d of %d reads %d of the %d training documents of %r",
+        process_index,
+        process_count,
+        len(shard),
+        len(component.train),
+        component.name,
+    )
+    where = f"process {process_index} of {process_count}: " if process_count > 1 else ""
+    check_usable(
+        shard,
+        tokenizer,
+        add_eos=cfg.add_eos,
+        max_chars=cfg.document_chunk_chars,
+        what=f"{where}training source {component.name!r}",
+    )
+    order = grain.MapDataset.range(len(shard))
     if cfg.shuffle:
-        docs = docs.shuffle(seed)
-    docs = docs.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
-    examples = docs.map(tokenize_transform(cfg, tokenizer))
+        order = order.shuffle(seed)
+    order = order.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
     rows = pack_examples(
-        examples.to_iter_dataset(_read_options(cfg)),
+        _examples(order, shard, tokenizer, cfg),
         seq_len=cfg.seq_len,
         pad_id=tokenizer.pad_id,
         features=example_features(cfg),
@@ -297,10 +337,9 @@ def _validation_batches(
         return None
 
     def packed_rows(documents: DocumentSource, seed: int) -> grain.IterDataset:
-        docs = grain.MapDataset.source(documents).shuffle(seed)
-        examples = docs.map(tokenize_transform(cfg, tokenizer))
+        order = grain.MapDataset.range(len(documents)).shuffle(seed)
         return pack_examples(
-            examples.to_iter_dataset(_read_options(cfg)),
+            _examples(order, documents, tokenizer, cfg),
             seq_len=cfg.seq_len,
             pad_id=tokenizer.pad_id,
             features=example_features(cfg),

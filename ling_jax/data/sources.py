@@ -15,7 +15,6 @@ whole groups: near-duplicate documents of one group then never straddle the spli
 from __future__ import annotations
 
 import collections
-import glob as globlib
 import hashlib
 import json
 import mmap
@@ -25,6 +24,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+from ling_jax.io import paths
 
 # Extensions that "auto" maps to a structured format; anything else is read as plain text.
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -68,34 +69,28 @@ class TextFileReader:
     def __init__(self, path: str):
         self.path = path
         try:
-            with open(path, "rb"):
+            with paths.open_file(path, "rb"):
                 pass
         except OSError as e:
             raise _open_error(path, e) from e
 
     def read(self, index: int) -> str:
         del index
-        with open(self.path, "rb") as f:
-            return f.read().decode("utf-8", errors="replace")
+        return paths.read_bytes(self.path).decode("utf-8", errors="replace")
 
 
 class JsonlReader:
     """One JSON object per non-empty line; the document is `obj[text_key]`.
 
-    Opening scans the file once for line offsets; reads use `os.pread`, which is thread-safe.
+    Opening scans the file once for line offsets; local reads use `os.pread`, which is
+    thread-safe; a file in a bucket is read with seek + read on one handle under the lock.
     """
 
     def __init__(self, path: str, text_key: str):
         self.path = path
         self.text_key = text_key
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size:
-                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                        newlines = np.flatnonzero(np.frombuffer(m, np.uint8) == ord("\n"))
-                else:
-                    newlines = np.zeros((0,), np.int64)
+            size, newlines = (_remote_newlines if paths.is_remote(path) else _local_newlines)(path)
         except OSError as e:
             raise _open_error(path, e) from e
         starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
@@ -109,14 +104,24 @@ class JsonlReader:
         if self.num_records:
             self.read(0)  # Surface a bad format or a missing key now, not mid-training.
 
-    def _file(self) -> int:
+    def _read_line(self, index: int) -> bytes:
+        length, start = int(self._lengths[index]), int(self._starts[index])
         with self._lock:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            return self._fd
+                self._fd = (
+                    paths.open_file(self.path, "rb")
+                    if paths.is_remote(self.path)
+                    else os.open(self.path, os.O_RDONLY)
+                )
+            if isinstance(self._fd, int):
+                fd = self._fd
+            else:
+                self._fd.seek(start)
+                return self._fd.read(length)
+        return os.pread(fd, length, start)
 
     def read(self, index: int) -> str:
-        raw = os.pread(self._file(), int(self._lengths[index]), int(self._starts[index]))
+        raw = self._read_line(index)
         where = f"{self.path}:{self._line_numbers[index]}"
         try:
             obj = json.loads(raw)
@@ -134,8 +139,34 @@ class JsonlReader:
         self._lock = threading.Lock()
 
     def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        fd = getattr(self, "_fd", None)
+        if isinstance(fd, int):
+            os.close(fd)
+        elif fd is not None:
+            fd.close()
+
+
+_SCAN_CHUNK = 16 << 20
+
+
+def _local_newlines(path: str) -> tuple[int, np.ndarray]:
+    """(size, offsets of every "\\n") of a local file, through a memory map."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if not size:
+            return 0, np.zeros((0,), np.int64)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return size, np.flatnonzero(np.frombuffer(m, np.uint8) == ord("\n"))
+
+
+def _remote_newlines(path: str) -> tuple[int, np.ndarray]:
+    """(size, offsets of every "\\n") of a file in a bucket, streamed in chunks."""
+    found, size = [], 0
+    with paths.open_file(path, "rb") as f:
+        while chunk := f.read(_SCAN_CHUNK):
+            found.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n")) + size)
+            size += len(chunk)
+    return size, (np.concatenate(found) if found else np.zeros((0,), np.int64))
 
 
 class ParquetReader:
@@ -152,7 +183,7 @@ class ParquetReader:
         self.path = path
         self.text_key = text_key
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = pq.ParquetFile(_parquet_input(path)).metadata
         except Exception as e:  # pyarrow raises its own error types.
             raise _open_error(path, e) from e
         columns = [meta.schema.column(i).name for i in range(meta.num_columns)]
@@ -173,7 +204,7 @@ class ParquetReader:
                 self._cache.move_to_end(group)
                 return self._cache[group]
             if self._file is None:
-                self._file = _import_parquet().ParquetFile(self.path)
+                self._file = _import_parquet().ParquetFile(_parquet_input(self.path))
             column = self._file.read_row_group(group, columns=[self.text_key])[self.text_key]
             values = column.to_pylist()
             self._cache[group] = values
@@ -201,6 +232,11 @@ class ParquetReader:
         self._lock = threading.Lock()
 
 
+def _parquet_input(path: str):
+    """pyarrow opens local paths itself; a bucket's file goes in as a seekable file object."""
+    return paths.open_file(path, "rb") if paths.is_remote(path) else path
+
+
 def _import_parquet():
     try:
         import pyarrow.parquet as pq  # Optional dependency, needed only for Parquet files.
@@ -222,7 +258,9 @@ class ArrayRecordReader:
         self.path = path
         self.text_key = text_key
         try:
-            self._source = grain_sources.ArrayRecordDataSource([path])
+            # The ArrayRecord reader does not go through gcsfs (against an emulator it hangs):
+            # a file in a bucket is read from a local copy.
+            self._source = grain_sources.ArrayRecordDataSource([paths.local_copy(path)])
             self.num_records = len(self._source)
         except Exception as e:  # The C++ reader raises generic errors.
             raise _open_error(path, e) from e
@@ -244,7 +282,7 @@ class ArrayRecordReader:
 def _format_of(path: str, file_format: str) -> str:
     if file_format != "auto":
         return file_format
-    name = os.path.basename(path).lower()
+    name = paths.basename(path).lower()
     if name.endswith(_COMPRESSED_SUFFIXES):
         raise ValueError(f"{path}: compressed files are not supported; decompress it first")
     if name.endswith(_JSONL_SUFFIXES):
@@ -273,23 +311,21 @@ def open_reader(path: str, file_format: str = "auto", text_key: str = "text") ->
 def expand_globs(spec: str, field: str = "train_files") -> list[str]:
     """Files matched by comma-separated globs, sorted within each glob, without repeats.
 
-    Raises a ValueError naming the field and the glob when a glob matches no file.
+    Raises a ValueError naming the field and the glob when a glob matches no file. Globs may
+    name local files or a bucket's (`gs://bucket/corpus/*.jsonl`).
     """
-    paths: dict[str, None] = {}
+    found: dict[str, None] = {}
     for pattern in (p.strip() for p in spec.split(",")):
         if not pattern:
             continue
-        matches = sorted(
-            p
-            for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
-            if os.path.isfile(p)
-        )
-        if not matches:
-            raise ValueError(f"data.{field}: glob {pattern!r} matched no files")
-        paths.update(dict.fromkeys(matches))
-    if not paths:
+        try:
+            matches = paths.glob(pattern)
+        except FileNotFoundError as error:
+            raise ValueError(f"data.{field}: {error}") from error
+        found.update(dict.fromkeys(matches))
+    if not found:
         raise ValueError(f"data.{field} = {spec!r} names no glob")
-    return list(paths)
+    return list(found)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -332,9 +368,7 @@ class DocumentSource:
     ):
         self.readers = list(readers)
         # Names that key the split; file names by default so that moving a dataset keeps it.
-        self.names = (
-            list(names) if names is not None else [os.path.basename(r.path) for r in readers]
-        )
+        self.names = list(names) if names is not None else [paths.basename(r.path) for r in readers]
         # The group of each file (None: each of its documents is a group of its own).
         self.groups = list(groups) if groups is not None else [None] * len(self.readers)
         if len(self.names) != len(self.readers) or len(self.groups) != len(self.readers):
@@ -392,5 +426,5 @@ def open_documents(spec: str, *, field: str, file_format: str, text_key: str) ->
     """All documents of the files matched by `spec` (comma-separated globs); each file is a
     group (`group_keys`)."""
     readers = [open_reader(p, file_format, text_key) for p in expand_globs(spec, field)]
-    names = [os.path.basename(r.path) for r in readers]
+    names = [paths.basename(r.path) for r in readers]
     return DocumentSource(readers, names=names, groups=names)

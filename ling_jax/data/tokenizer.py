@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ling_jax.io import paths
 
 EOS_TOKEN = "<|endoftext|>"
 # Tried in order when neither the config nor a tokenizer_config.json names the EOS token.
@@ -129,29 +129,20 @@ def train_bpe(corpus: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
     return tok
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Writes via a temporary file so concurrent hosts never read a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _special_from_config(path: str, name: str) -> str:
     """`name` ("eos_token", "pad_token") from a tokenizer_config.json beside `path`, or ""."""
-    config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-    if not os.path.exists(config_path):
+    config_path = paths.join(paths.dirname(path), "tokenizer_config.json")
+    if not paths.exists(config_path):
         return ""
-    with open(config_path) as f:
-        value = json.load(f).get(name) or ""
+    value = json.loads(paths.read_text(config_path)).get(name) or ""
     return value.get("content", "") if isinstance(value, dict) else value
 
 
 def _load_file(path: str, eos_token: str, pad_token: str) -> Tokenizer:
-    if os.path.isdir(path):
-        path = os.path.join(path, _CACHE_FILE)
-    try:
-        tok = tokenizers.Tokenizer.from_file(path)
+    if paths.isdir(path):
+        path = paths.join(path, _CACHE_FILE)
+    try:  # Read through the path layer: `from_file` only opens local files.
+        tok = tokenizers.Tokenizer.from_str(paths.read_text(path))
     except Exception as e:  # tokenizers raises a bare Exception for missing / bad files.
         raise ValueError(f"data.tokenizer = {path!r}: cannot load a tokenizer.json ({e})") from e
     eos_token = eos_token or _special_from_config(path, "eos_token")
@@ -189,12 +180,11 @@ def load_tokenizer(
         return _load_file(spec, eos_token, pad_token)
     cache = meta_path = None
     if workdir is not None:
-        cache_dir = os.path.join(workdir, _CACHE_DIR)
-        cache, meta_path = os.path.join(cache_dir, _CACHE_FILE), os.path.join(cache_dir, _META_FILE)
-        if os.path.exists(cache):
-            if os.path.exists(meta_path):
-                with open(meta_path) as f:
-                    cached_size = json.load(f).get("bpe_vocab_size")
+        cache_dir = paths.join(workdir, _CACHE_DIR)
+        cache, meta_path = paths.join(cache_dir, _CACHE_FILE), paths.join(cache_dir, _META_FILE)
+        if paths.exists(cache):
+            if paths.exists(meta_path):
+                cached_size = json.loads(paths.read_text(meta_path)).get("bpe_vocab_size")
                 if cached_size != vocab_size:
                     raise ValueError(
                         f"data.bpe_vocab_size = {vocab_size} but the cached tokenizer {cache} "
@@ -206,7 +196,8 @@ def load_tokenizer(
     corpus = corpus_iter() if callable(corpus_iter) else corpus_iter
     tok = train_bpe(corpus, vocab_size)
     if cache is not None:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        _atomic_write(cache, tok.to_str())
-        _atomic_write(meta_path, json.dumps({"bpe_vocab_size": vocab_size}))
+        # Concurrent hosts never read a half-written file (see `paths.write_text`).
+        paths.makedirs(cache_dir)
+        paths.write_text(cache, tok.to_str())
+        paths.write_text(meta_path, json.dumps({"bpe_vocab_size": vocab_size}))
     return Tokenizer(tok, eos_token=eos_token or EOS_TOKEN, pad_token=pad_token)

@@ -14,11 +14,12 @@ environments without jinja2. The released template hard-codes
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ling_jax.io import paths
 
 THINKING_MODES = ("on", "off")
 ROLE_END = "<|role_end|>"
@@ -172,23 +173,21 @@ def render_chat_template(
 
 def load_tokenizer_config(path: str) -> dict[str, Any]:
     """`tokenizer_config.json` in `path` (a folder, or a file inside it); {} if absent."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.exists(config_path):
+    folder = path if paths.isdir(path) else paths.dirname(path)
+    config_path = paths.join(folder, "tokenizer_config.json")
+    if not paths.exists(config_path):
         return {}
-    with open(config_path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(config_path))
 
 
 def generation_stop_ids(path: str) -> list[int]:
     """`eos_token_id` (an id or a list) of a `generation_config.json` in `path` (a folder, or a
     file inside it); [] if absent. Ling's chat models list <|endoftext|> and <|role_end|>."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    config_path = os.path.join(folder, "generation_config.json")
-    if not os.path.exists(config_path):
+    folder = path if paths.isdir(path) else paths.dirname(path)
+    config_path = paths.join(folder, "generation_config.json")
+    if not paths.exists(config_path):
         return []
-    with open(config_path) as f:
-        ids = json.load(f).get("eos_token_id")
+    ids = json.loads(paths.read_text(config_path)).get("eos_token_id")
     if ids is None:
         return []
     return [int(i) for i in (ids if isinstance(ids, list) else [ids])]

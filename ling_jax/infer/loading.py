@@ -8,7 +8,6 @@ the size of the parameters, stays on disk.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
@@ -16,6 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ling_jax.configs.model_config import base_model_config, validate_model_config
+from ling_jax.io import paths
 from ling_jax.model.params import ExpertBias
 from ling_jax.model.transformer import LingForCausalLM
 from ling_jax.train.checkpointing import CHECKPOINT_DIR
@@ -43,8 +43,8 @@ def config_from_meta(fields: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _manager(workdir: str) -> ocp.CheckpointManager:
-    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    if not os.path.isdir(directory):
+    directory = paths.join(paths.resolve(workdir), CHECKPOINT_DIR)
+    if not paths.isdir(directory):
         raise ValueError(
             f"{workdir!r} has no {CHECKPOINT_DIR}/ folder: not an experiments.run workdir"
         )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from ling_jax.train.finite import NONFINITE_MODES
+
 SCHEDULE_TYPES = ("wsm", "cosine", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt", "exponential")
 
@@ -73,6 +75,12 @@ def default_train_config() -> ml_collections.ConfigDict:
     cfg.num_steps = 1000
     # Weight of the MTP cross-entropy; None takes the model's `mtp.loss_weight` (0.1).
     cfg.mtp_loss_weight = config_dict.placeholder(float)
+    # A step whose loss or gradient norm is NaN/inf: "stop" ends the run with an error (no
+    # snapshot of that state is saved); "skip" leaves params, optimizer state and expert biases
+    # unchanged for that step (the batch is consumed) and stops only after
+    # `max_nonfinite_skips` such steps in a row. Checked one step late: no extra host sync.
+    cfg.on_nonfinite = "stop"
+    cfg.max_nonfinite_skips = 10
     return cfg
 
 
@@ -159,4 +167,8 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
         _fail("train", "num_steps", cfg.num_steps, ">= 1")
     if cfg.mtp_loss_weight is not None and not cfg.mtp_loss_weight >= 0:
         _fail("train", "mtp_loss_weight", cfg.mtp_loss_weight, ">= 0 or None (model default)")
+    if cfg.on_nonfinite not in NONFINITE_MODES:
+        _fail("train", "on_nonfinite", cfg.on_nonfinite, f"one of {NONFINITE_MODES}")
+    if cfg.max_nonfinite_skips < 0:
+        _fail("train", "max_nonfinite_skips", cfg.max_nonfinite_skips, ">= 0")
     return cfg

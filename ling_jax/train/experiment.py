@@ -33,6 +33,7 @@ from ling_jax.train.config import (
     validate_schedule_config,
     validate_train_config,
 )
+from ling_jax.train.finite import nonfinite_config_fields
 from ling_jax.train.merged_eval import validate_merged_eval_config
 
 
@@ -91,6 +92,13 @@ def validate_experiment_config(cfg: ml_collections.ConfigDict) -> ml_collections
     missing = expected - set(cfg.keys())
     if missing:
         raise ValueError(f"experiment config lacks the section(s) {sorted(missing)}")
+    nonfinite = nonfinite_config_fields(cfg)
+    if nonfinite:
+        raise ValueError(
+            "config field(s) "
+            + ", ".join(f"`{name}` = {value!r}" for name, value in nonfinite)
+            + " not finite: expected finite numbers"
+        )
     validate_model_config(cfg.model)
     if "fp8" in cfg and cfg.fp8.to_dict() != cfg.model.fp8.to_dict():
         raise ValueError(

@@ -26,8 +26,6 @@ of the last merged snapshot (a resumed run reads the batches that run would have
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from ling_jax.io import paths
 from ling_jax.train import sharded_state
 from ling_jax.train.checkpointing import (
     _RUNTIME_MODEL_FIELDS,
@@ -47,8 +46,9 @@ from ling_jax.train.checkpointing import (
     Checkpointer,
     _identity_fields,
 )
+from ling_jax.train.finite import NonFiniteError, first_nonfinite_leaf
 from ling_jax.train.hf_init import initialize_weights_from_hf, is_hf_checkpoint
-from ling_jax.train.metrics import METRICS_FILE, read_metrics
+from ling_jax.train.metrics import METRICS_FILE, read_hparams, read_metrics
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.schedules import make_schedule
 from ling_jax.train.train_step import TrainState
@@ -62,22 +62,22 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    return paths.join(paths.resolve(workdir), CHECKPOINT_DIR)
 
 
 def snapshot_steps(workdir: str) -> list[int]:
     """Steps of the snapshots in `<workdir>/checkpoints` (orbax's unfinished tmp dirs skipped)."""
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise ValueError(f"{directory} does not exist: no snapshots to merge")
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    return sorted(int(name) for name in paths.listdir(directory) if name.isdigit())
 
 
 def validation_losses(workdir: str) -> dict[int, float]:
     """step -> the `eval/loss` logged at that step in `<workdir>/metrics.jsonl` (the last record
     of a step wins, e.g. after a resumed run re-evaluated it)."""
-    if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
-        raise ValueError(f"{os.path.join(workdir, METRICS_FILE)} does not exist: no eval/loss")
+    if not paths.exists(paths.join(workdir, METRICS_FILE)):
+        raise ValueError(f"{paths.join(workdir, METRICS_FILE)} does not exist: no eval/loss")
     return {r["step"]: r["eval/loss"] for r in read_metrics(workdir) if "eval/loss" in r}
 
 
@@ -87,17 +87,11 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     # Imported here: experiment imports merged_eval, which imports this module.
     from ling_jax.train.experiment import validate_experiment_config
 
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist: pass the run's training config (--config)")
-    hparams = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith('{"hparams"'):
-                try:
-                    hparams = json.loads(line)["hparams"]
-                except json.JSONDecodeError:  # A line torn by a kill: an earlier start counts.
-                    continue
+    path = paths.join(workdir, METRICS_FILE)
+    try:
+        hparams = read_hparams(workdir)
+    except FileNotFoundError as error:
+        raise ValueError(f"{error}: pass the run's training config (--config)") from error
     if hparams is None:
         raise ValueError(f"{path} records no config (hparams): pass --config")
     return validate_experiment_config(ml_collections.ConfigDict(hparams))
@@ -208,10 +202,10 @@ def check_snapshot(
     Raises ValueError naming the snapshot if it is missing, partial (an item absent or
     unreadable), written for other model fields, or holds weights of other shapes or dtypes.
     """
-    path = os.path.join(checkpoint_dir(workdir), str(step))
-    if not os.path.isdir(path):
+    path = paths.join(checkpoint_dir(workdir), str(step))
+    if not paths.isdir(path):
         raise ValueError(f"snapshot {path} does not exist (available: {snapshot_steps(workdir)})")
-    absent = [item for item in ITEMS if not os.path.isdir(os.path.join(path, item))]
+    absent = [item for item in ITEMS if not paths.isdir(paths.join(path, item))]
     if absent:
         raise ValueError(f"snapshot {path} is partial: it lacks the item(s) {absent}")
     try:
@@ -255,7 +249,7 @@ def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        return handler.restore(
+        weights = handler.restore(
             path,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
@@ -263,6 +257,10 @@ def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[
         raise ValueError(f"snapshot {path.parent} could not be read: {error}") from error
     finally:
         handler.close()
+    bad = first_nonfinite_leaf(weights)
+    if bad is not None:
+        raise NonFiniteError(f"snapshot {path.parent} holds NaN/inf weights (first: `{bad}`)")
+    return weights
 
 
 def merge_snapshots(
@@ -340,10 +338,7 @@ def write_merged_checkpoint(
     The data state comes from snapshot `step` of `source_workdir`, the trained tokenizer (if
     any) is copied along, and `meta["merge"] = info`. Refuses an output holding snapshots.
     """
-    source_workdir, output_workdir = (
-        os.path.abspath(source_workdir),
-        os.path.abspath(output_workdir),
-    )
+    source_workdir, output_workdir = paths.resolve(source_workdir), paths.resolve(output_workdir)
     if source_workdir == output_workdir:
         raise ValueError(f"--output must differ from the source workdir {source_workdir}")
     optimizer, abstract = abstract_train_state(config)
@@ -355,12 +350,11 @@ def write_merged_checkpoint(
         expert_bias=expert_bias,
         opt_state=_reset_counts(optimizer.init(params), step),
     )
-    source_data = os.path.join(checkpoint_dir(source_workdir), str(step), "data")
+    source_data = paths.join(checkpoint_dir(source_workdir), str(step), "data")
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not os.path.exists(os.path.join(source_data, name)):
-        raise ValueError(f"snapshot {os.path.dirname(source_data)} is partial: no data/{name}")
-    with open(os.path.join(source_data, name), "rb") as f:
-        data_state = _SavedIteratorState(f.read())
+    if not paths.exists(paths.join(source_data, name)):
+        raise ValueError(f"snapshot {paths.dirname(source_data)} is partial: no data/{name}")
+    data_state = _SavedIteratorState(paths.read_bytes(paths.join(source_data, name)))
 
     cfg = config.checkpoint.copy_and_resolve_references()
     cfg.async_save = False
@@ -375,14 +369,14 @@ def write_merged_checkpoint(
         checkpointer.save(step, state, data_state, force=True, extra_meta={"merge": dict(info)})
     finally:
         checkpointer.close()
-    output_data = os.path.join(checkpointer.directory, str(step), "data")
-    for other in os.listdir(source_data):  # The other hosts' iterator states, if any.
-        if other.startswith("process_") and not os.path.exists(os.path.join(output_data, other)):
-            shutil.copy2(os.path.join(source_data, other), output_data)
-    tokenizer = os.path.join(source_workdir, TOKENIZER_DIR)
-    if os.path.isdir(tokenizer) and not os.path.exists(os.path.join(output_workdir, TOKENIZER_DIR)):
-        shutil.copytree(tokenizer, os.path.join(output_workdir, TOKENIZER_DIR))
-    return os.path.join(checkpointer.directory, str(step))
+    output_data = paths.join(checkpointer.directory, str(step), "data")
+    for other in paths.listdir(source_data):  # The other hosts' iterator states, if any.
+        if other.startswith("process_") and not paths.exists(paths.join(output_data, other)):
+            paths.copy(paths.join(source_data, other), paths.join(output_data, other))
+    tokenizer = paths.join(source_workdir, TOKENIZER_DIR)
+    if paths.isdir(tokenizer) and not paths.exists(paths.join(output_workdir, TOKENIZER_DIR)):
+        paths.copytree(tokenizer, paths.join(output_workdir, TOKENIZER_DIR))
+    return paths.join(checkpointer.directory, str(step))
 
 
 def merged_model_state(merged: Mapping[str, Any], config: ml_collections.ConfigDict) -> nnx.State:

@@ -33,6 +33,7 @@ from ling_jax.parallel.mesh import BATCH_AXES
 from ling_jax.parallel.sharding import replicated, use_sharding
 from ling_jax.train.bias_update import load_ratio, update_expert_biases
 from ling_jax.train.config import validate_optim_config, validate_train_config
+from ling_jax.train.finite import keep_if_finite, step_is_finite
 from ling_jax.train.loss import Batch, combine_loss, loss_sums, token_counts
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -136,7 +137,10 @@ def make_train_step(
     batch: dict of [train.batch_size, seq] arrays with keys `BATCH_KEYS` (others are ignored).
     metrics (fp32 scalars): loss, ce, mtp_loss, z_loss, accuracy, tokens, grad_norm (before
     clipping), lr (used by this update), moe/max_load_ratio and moe/mean_load_ratio (over
-    layers of max(n) / mean(n)), moe/load_ratio/layer_<i> per MoE layer, mtp/load_ratio.
+    layers of max(n) / mean(n)), moe/load_ratio/layer_<i> per MoE layer, mtp/load_ratio,
+    nonfinite (1.0 if the loss or the gradient norm is NaN/inf). With
+    `train.on_nonfinite = "skip"` such a step leaves params, optimizer state and expert biases
+    as they were (only `step` advances, as the data does).
     """
     train_cfg = validate_train_config(train_cfg)
     optim_cfg = validate_optim_config(optim_cfg)
@@ -149,6 +153,7 @@ def make_train_step(
     z_loss_weight = float(optim_cfg.z_loss_weight)
     bias_rate = float(optim_cfg.bias_update_rate)
     first_moe_layer = int(model_cfg.first_k_dense_replace)
+    skip_nonfinite = train_cfg.on_nonfinite == "skip"
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         batch = {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
@@ -198,6 +203,14 @@ def make_train_step(
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics.update(_load_metrics(expert_counts, first_moe_layer))
+        finite = step_is_finite(metrics)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        if skip_nonfinite:
+            params, opt_state, expert_bias = keep_if_finite(
+                finite,
+                (params, opt_state, expert_bias),
+                (state.params, state.opt_state, state.expert_bias),
+            )
         new_state = TrainState(
             step=state.step + 1, params=params, expert_bias=expert_bias, opt_state=opt_state
         )

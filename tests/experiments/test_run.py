@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,3 +222,143 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert sorted(resumed) == sorted(reference) == list(range(1, 7))
     for step in reference:
         np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-5, err_msg=str(step))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_during_start_up_stops_at_once_and_writes_nothing(
+    signum, tmp_path, monkeypatch
+):
+    """A start-up that waits for data forever (as a corpus of empty files did) still stops."""
+    from ling_jax.train import trainer
+
+    def stalled_data(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(120)
+        raise AssertionError("the stop signal did not interrupt the wait")
+
+    monkeypatch.setattr(trainer, "build_datasets", stalled_data)
+    before = signal.getsignal(signum)
+    started = time.monotonic()
+    assert train_and_evaluate(smoke_config(), str(tmp_path)) == {}
+    assert time.monotonic() - started < 60
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+    assert signal.getsignal(signum) is before
+
+
+def test_ctrl_c_during_training_saves_like_sigterm(uninterrupted, tmp_path, monkeypatch):
+    from ling_jax.train import trainer
+
+    build = trainer.build_datasets
+    fetched = []
+
+    def interrupted_on_third_batch(*args, **kwargs):
+        datasets = build(*args, **kwargs)
+
+        def count(batch):
+            fetched.append(1)
+            if len(fetched) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return batch
+
+        return datasets._replace(train=datasets.train.map(count))
+
+    monkeypatch.setattr(trainer, "build_datasets", interrupted_on_third_batch)
+    workdir = str(tmp_path)
+    train_and_evaluate(smoke_config(num_steps=1000), workdir)  # no KeyboardInterrupt
+    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+    assert saved == [2, 3] and max(losses(workdir)) == 3
+    # The snapshot matches the uninterrupted run's step 3 (the same batches were consumed).
+    np.testing.assert_allclose(losses(workdir)[3], losses(uninterrupted[0])[3], rtol=1e-6)
+
+
+def test_two_processes_stop_at_the_same_step_on_one_sigterm(tmp_path):
+    """A pod's scheduler may SIGTERM one host first: all hosts save the same step and exit 0,
+    and the same command resumes them all from it. Default `documents` sharding: the hosts
+    read disjoint shards that together hold every training document."""
+    workdir = str(tmp_path)
+
+    def two_processes(num_steps):
+        port = _free_port()
+        return [
+            _run_command(
+                workdir,
+                f"--config.train.num_steps={num_steps}",
+                # No evaluation, so that only the train step compiles.
+                "--config.data.validation_fraction=0",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            )
+            for i in range(2)
+        ]
+
+    procs = two_processes(1000)
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and losses(workdir):
+            break
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    stopped = [re.findall(r"Stopped at step (\d+)", err) for err in errs]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped
+    step = int(stopped[0][0])
+    saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+    assert max(saved) == step == max(losses(workdir)) < 1000
+    shards = [
+        re.findall(r"process (\d) of 2 reads (\d+) of the (\d+) training documents", e)
+        for e in errs
+    ]
+    for i, shard in enumerate(shards):
+        assert {s[0] for s in shard} == {str(i)}, shard
+    for (_, n0, total), (_, n1, _) in zip(shards[0], shards[1], strict=True):
+        assert int(n0) + int(n1) == int(total) and abs(int(n0) - int(n1)) <= 1
+
+    rerun = two_processes(step + 2)
+    errs = [p.communicate(timeout=300)[1] for p in rerun]
+    assert [p.returncode for p in rerun] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert all(f"checkpoints/{step}" in err and "Resuming from" in err for err in errs)
+    assert sorted(losses(workdir))[-2:] == [step + 1, step + 2]
+
+
+def test_sigterm_while_waiting_for_data_saves_the_last_step(
+    uninterrupted, tmp_path, monkeypatch, caplog
+):
+    """A read that stalls mid-run (batch 5 here) does not hold a SIGTERM back: the wait on the
+    prefetch thread is abandoned, step 4 is kept, and the resumed run equals the uninterrupted
+    one."""
+    from ling_jax.train import trainer
+
+    workdir = str(tmp_path)
+    build = trainer.build_datasets
+    fetched = []
+
+    def stall_on_fifth_batch(batch):
+        fetched.append(1)
+        if len(fetched) == 5:
+            deadline = time.time() + 120
+            while 4 not in losses(workdir) and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # The loop is now waiting for this batch.
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return batch
+
+    def stalling_data(*args, **kwargs):
+        datasets = build(*args, **kwargs)
+        return datasets._replace(train=datasets.train.map(stall_on_fifth_batch))
+
+    monkeypatch.setattr(trainer, "build_datasets", stalling_data)
+    cfg = smoke_config()
+    cfg.data.batch_prefetch = 2
+    train_and_evaluate(cfg, workdir)
+    assert "Stopped at step 4 while waiting for data" in caplog.text
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert max(losses(workdir)) == 4
+    monkeypatch.undo()
+    train_and_evaluate(cfg, workdir)
+    reference, resumed = losses(uninterrupted[0]), losses(workdir)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in (5, 6):
+        np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-6, err_msg=str(step))
