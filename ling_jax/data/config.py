@@ -65,6 +65,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.pad_token = ""
     # Append EOS to every document so the model learns where documents end.
     cfg.add_eos = True
+    # Chat SFT (`ling_jax.data.chat`): documents are conversations rendered with Ling's chat
+    # template, and only assistant tokens are trained. source="embedded" then gives the
+    # arithmetic set as conversations; source="files" reads JSONL, one conversation per line.
+    cfg.chat = False
+    # Thinking mode of conversations that do not name theirs: "on", "off" or "mixed" (half each).
+    cfg.chat_thinking = "mixed"
 
     # Tokens per packed row.
     cfg.seq_len = 256
@@ -173,6 +179,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
         _fail("bpe_vocab_size", cfg.bpe_vocab_size, f">= {MIN_BPE_VOCAB_SIZE}")
     if cfg.tokenizer_train_max_bytes < 0:
         _fail("tokenizer_train_max_bytes", cfg.tokenizer_train_max_bytes, ">= 0 (0 = no cap)")
+    if cfg.chat_thinking not in ("on", "off", "mixed"):
+        _fail("chat_thinking", cfg.chat_thinking, "'on', 'off' or 'mixed'")
     if cfg.seq_len < 2:
         _fail("seq_len", cfg.seq_len, ">= 2")
     if not 0 <= cfg.validation_fraction < 1:

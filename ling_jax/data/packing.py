@@ -12,7 +12,9 @@ masks its outputs into the layout the model consumes:
   targets      [seq_len] int32    next token of the same document; pad_id on padding
   segment_ids  [seq_len] int32    1, 2, ... per document (or document chunk) in the row; 0 = pad
   positions    [seq_len] int32    0, 1, ... restarting at every segment
-  loss_mask    [seq_len] float32  1 where the target is a real token, 0 on padding
+  loss_mask    [seq_len] float32  1 where the target is a real token, 0 on padding; examples
+                                  that carry their own `loss_mask` (chat SFT: assistant tokens
+                                  only) are packed with it, and it is kept under the padding mask
   target_bytes [seq_len] int32    UTF-8 bytes of each target token (0 for EOS and padding);
                                   bits/byte = sum(loss * loss_mask) / ln 2 / sum(target_bytes)
 
@@ -31,6 +33,7 @@ from ling_jax.data.tokenizer import Tokenizer
 
 # Features of a tokenized example; all are packed alike.
 EXAMPLE_FEATURES = ("input_ids", "targets", "target_bytes")
+MASKED_EXAMPLE_FEATURES = (*EXAMPLE_FEATURES, "loss_mask")  # Chat examples (ling_jax.data.chat).
 BATCH_FEATURES = ("input_ids", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
 
 
@@ -64,12 +67,15 @@ class FinalizeRow(grain.transforms.Map):
     def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         segment_ids = row["input_ids_segment_ids"].astype(np.int32)  # [seq_len]
         real = segment_ids > 0
+        loss_mask = real.astype(np.float32)
+        if "loss_mask" in row:
+            loss_mask = np.where(real, row["loss_mask"], 0.0).astype(np.float32)
         return {
             "input_ids": np.where(real, row["input_ids"], self.pad_id).astype(np.int32),
             "targets": np.where(real, row["targets"], self.pad_id).astype(np.int32),
             "segment_ids": segment_ids,
             "positions": row["input_ids_positions"].astype(np.int32),
-            "loss_mask": real.astype(np.float32),
+            "loss_mask": loss_mask,
             "target_bytes": np.where(real, row["target_bytes"], 0).astype(np.int32),
         }
 
@@ -100,11 +106,18 @@ class _PackedRowsIterator(grain.DatasetIterator):
 class PackedRowsIterDataset(grain.IterDataset):
     """Packs shifted examples into rows of `seq_len` tokens (layout in the module docstring)."""
 
-    def __init__(self, examples: grain.IterDataset, *, seq_len: int, pad_id: int):
+    def __init__(
+        self,
+        examples: grain.IterDataset,
+        *,
+        seq_len: int,
+        pad_id: int,
+        features: tuple[str, ...] = EXAMPLE_FEATURES,
+    ):
         super().__init__(
             grain_experimental.ConcatThenSplitIterDataset(
                 examples,
-                length_struct=dict.fromkeys(EXAMPLE_FEATURES, seq_len),
+                length_struct=dict.fromkeys(features, seq_len),
                 split_full_length_features=True,
             )
         )
@@ -114,9 +127,16 @@ class PackedRowsIterDataset(grain.IterDataset):
         return _PackedRowsIterator(self._parent.__iter__(), self._finalize)
 
 
-def pack_examples(examples: grain.IterDataset, *, seq_len: int, pad_id: int) -> grain.IterDataset:
-    """Packs shifted examples into rows of `seq_len` tokens (see module docstring)."""
-    return PackedRowsIterDataset(examples, seq_len=seq_len, pad_id=pad_id)
+def pack_examples(
+    examples: grain.IterDataset,
+    *,
+    seq_len: int,
+    pad_id: int,
+    features: tuple[str, ...] = EXAMPLE_FEATURES,
+) -> grain.IterDataset:
+    """Packs shifted examples into rows of `seq_len` tokens (see module docstring); `features`
+    names the examples' [n] arrays (`MASKED_EXAMPLE_FEATURES` for chat examples)."""
+    return PackedRowsIterDataset(examples, seq_len=seq_len, pad_id=pad_id, features=features)
 
 
 def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

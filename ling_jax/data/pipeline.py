@@ -38,6 +38,7 @@ from absl import logging
 from grain import experimental as grain_experimental
 
 from ling_jax.data import embedded
+from ling_jax.data.chat import chat_examples, chat_jsonl_source, chat_sources, example_features
 from ling_jax.data.chunking import check_usable, text_pieces, tokenized_examples
 from ling_jax.data.config import MixtureComponent, parse_mixture, validate_data_config
 from ling_jax.data.packing import PadBatch, pack_examples
@@ -109,7 +110,9 @@ def build_sources(
     The validation sources are the `validation_files` (one source), or else the documents held
     out of each component, weighted as the component is in training.
     """
-    if cfg.source == "embedded":
+    if cfg.chat:
+        named = chat_sources(cfg)
+    elif cfg.source == "embedded":
         fraction = cfg.embedded_arithmetic_fraction
         named = [("stdlib", 1.0 - fraction, embedded.stdlib_source())]
         if fraction > 0:
@@ -134,6 +137,10 @@ def build_sources(
             )
             for name, spec in zip(names, specs, strict=True)
         ]
+    if cfg.validation_files and cfg.chat:
+        held_out = chat_jsonl_source(cfg.validation_files, field="validation_files")
+        validation = [ValidationSource("validation", 1.0, held_out)]
+        return [Component(n, w, s) for n, w, s in named], validation
     if cfg.validation_files:
         validation = [
             ValidationSource(
@@ -201,6 +208,10 @@ def _read_options(cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
 def _examples(
     order: grain.MapDataset, documents: DocumentSource, tokenizer: Tokenizer, cfg
 ) -> grain.IterDataset:
+    if cfg.chat:  # Conversations are short: whole, never cut into chunks.
+        return chat_examples(
+            order, documents, tokenizer, thinking=cfg.chat_thinking, read_options=_read_options(cfg)
+        )
     return tokenized_examples(
         order,
         documents,
@@ -257,7 +268,10 @@ def _train_rows(
         order = order.shuffle(seed)
     order = order.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
     rows = pack_examples(
-        _examples(order, shard, tokenizer, cfg), seq_len=cfg.seq_len, pad_id=tokenizer.pad_id
+        _examples(order, shard, tokenizer, cfg),
+        seq_len=cfg.seq_len,
+        pad_id=tokenizer.pad_id,
+        features=example_features(cfg),
     )
     if cfg.shuffle and cfg.row_shuffle_window:
         rows = grain_experimental.WindowShuffleIterDataset(
@@ -328,6 +342,7 @@ def _validation_batches(
             _examples(order, documents, tokenizer, cfg),
             seq_len=cfg.seq_len,
             pad_id=tokenizer.pad_id,
+            features=example_features(cfg),
         )
 
     # A shard may be empty on some hosts (a fixed validation_max_batches pads it); a component

@@ -47,6 +47,7 @@ from ling_jax.train.checkpointing import (
     _identity_fields,
 )
 from ling_jax.train.finite import NonFiniteError, first_nonfinite_leaf
+from ling_jax.train.hf_init import initialize_weights_from_hf, is_hf_checkpoint
 from ling_jax.train.metrics import METRICS_FILE, read_hparams, read_metrics
 from ling_jax.train.optimizer import make_optimizer
 from ling_jax.train.schedules import make_schedule
@@ -392,7 +393,10 @@ def initialize_weights_from(workdir: str, state: TrainState, shardings: TrainSta
 
     Model fields that do not change parameter shapes (RoPE theta and scaling, context length,
     attention implementation, bias rate) may differ, as between context-extension stages.
+    A Hugging Face checkpoint folder is read by `ling_jax.train.hf_init` instead.
     """
+    if is_hf_checkpoint(workdir):
+        return initialize_weights_from_hf(workdir, state, shardings)
     steps = snapshot_steps(workdir)
     if not steps:
         raise ValueError(f"checkpoint.init_from: {checkpoint_dir(workdir)} holds no snapshot")
