@@ -72,6 +72,11 @@ def main(argv: list[str]) -> None:
 def _merge() -> None:
     quiet_library_logs()
     initialize_distributed()
+    if _HF_OUTPUT.value and jax.process_count() > 1:  # Before any work: export reads on one host.
+        raise app.UsageError(
+            f"--hf_output exports on one process, this merge runs on {jax.process_count()}: "
+            "merge, then `python -m ling_jax.convert.hf export --workdir=OUTPUT --output=HF_DIR`"
+        )
     workdir = paths.resolve(_WORKDIR.value)
     config = _CONFIG.value
     if config is None:

@@ -43,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ling_jax.io import paths
@@ -463,13 +464,16 @@ def write_merged_checkpoint(
         checkpointer.save(step, state, data_state, force=True, extra_meta={"merge": dict(info)})
     finally:
         checkpointer.close()
-    output_data = paths.join(checkpointer.directory, str(step), "data")
-    for other in paths.listdir(source_data):  # The other hosts' iterator states, if any.
-        if other.startswith("process_") and not paths.exists(paths.join(output_data, other)):
-            paths.copy(paths.join(source_data, other), paths.join(output_data, other))
-    tokenizer = paths.join(source_workdir, TOKENIZER_DIR)
-    if paths.isdir(tokenizer) and not paths.exists(paths.join(output_workdir, TOKENIZER_DIR)):
-        paths.copytree(tokenizer, paths.join(output_workdir, TOKENIZER_DIR))
+    if jax.process_index() == 0:  # One process copies the files the hosts share.
+        output_data = paths.join(checkpointer.directory, str(step), "data")
+        for other in paths.listdir(source_data):  # Iterator states of hosts the merge lacks.
+            if other.startswith("process_") and not paths.exists(paths.join(output_data, other)):
+                paths.copy(paths.join(source_data, other), paths.join(output_data, other))
+        tokenizer = paths.join(source_workdir, TOKENIZER_DIR)
+        if paths.isdir(tokenizer) and not paths.exists(paths.join(output_workdir, TOKENIZER_DIR)):
+            paths.copytree(tokenizer, paths.join(output_workdir, TOKENIZER_DIR))
+    if jax.process_count() > 1:  # The others wait for them (e.g. --evaluate reads the tokenizer).
+        multihost_utils.sync_global_devices("ling_jax merged snapshot written")
     return paths.join(checkpointer.directory, str(step))
 
 
