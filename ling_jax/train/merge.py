@@ -304,17 +304,10 @@ def restore_weights(
         raise ValueError(f"snapshot {path.parent} could not be read: {error}") from error
     finally:
         handler.close()
-    bad = first_nonfinite_leaf(weights if shardings is None else _finiteness(weights))
+    bad = first_nonfinite_leaf(weights)
     if bad is not None:
         raise NonFiniteError(f"snapshot {path.parent} holds NaN/inf weights (first: `{bad}`)")
     return weights
-
-
-@jax.jit
-def _finiteness(tree: Any) -> Any:
-    """Per leaf a replicated fp32 scalar, NaN where the (sharded) leaf holds NaN/inf: one jitted
-    reduction over all leaves, rather than an eager one per sharded leaf."""
-    return jax.tree.map(lambda x: jnp.where(jnp.isfinite(x).all(), 0.0, jnp.nan), tree)
 
 
 def merge_snapshots(
