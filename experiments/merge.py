@@ -15,6 +15,11 @@ that `experiments.run` with the same --config resumes (further training) or, wit
 --config is the training config (model, optimizer: it builds the fresh optimizer state; data
 and eval for --evaluate); by default it is the one the run last started with, as recorded in
 <workdir>/metrics.jsonl (its `hparams` line, command-line overrides included).
+
+The merge runs on the config's mesh (`mesh.*`): each process reads and sums only its shards of
+the weights and writes its shards of the merged snapshot. On several hosts (or several local
+processes) start it on each, as `experiments.run` (--coordinator_address, --num_processes,
+--process_id off TPU pods); --hf_output and --evaluate then need the merge's hosts as well.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Quiets XLA's C++ logging.
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments.logs import quiet_library_logs
+from experiments.distributed import initialize_distributed  # noqa: E402
+from experiments.logs import quiet_library_logs  # noqa: E402
 from ling_jax.convert.hf_export import export_workdir  # noqa: E402
 from ling_jax.io import paths  # noqa: E402
 from ling_jax.train import merge  # noqa: E402
@@ -64,6 +71,12 @@ def main(argv: list[str]) -> None:
 
 def _merge() -> None:
     quiet_library_logs()
+    initialize_distributed()
+    if _HF_OUTPUT.value and jax.process_count() > 1:  # Before any work: export reads on one host.
+        raise app.UsageError(
+            f"--hf_output exports on one process, this merge runs on {jax.process_count()}: "
+            "merge, then `python -m ling_jax.convert.hf export --workdir=OUTPUT --output=HF_DIR`"
+        )
     workdir = paths.resolve(_WORKDIR.value)
     config = _CONFIG.value
     if config is None:
@@ -88,8 +101,22 @@ def _merge() -> None:
         loss = f"{losses[step]:.4f}" if step in losses else "-"
         print(f"  step {step:>8d}  weight {weight:.4f}  eval/loss {loss}")
 
+    def report(step: int, snapshot) -> None:
+        if step == steps[0]:  # The same layout for every snapshot: say it once.
+            held, total = merge.held_bytes(snapshot)
+            print(
+                f"process {jax.process_index()} of {jax.process_count()} holds {held} of "
+                f"{total} bytes of each snapshot's weights (its shards; the fp32 sum alike)"
+            )
+
     merged = merge.merge_snapshots(
-        workdir, steps, weights, merge.merge_target(config), merge.model_fields(config)
+        workdir,
+        steps,
+        weights,
+        merge.merge_target(config),
+        merge.model_fields(config),
+        shardings=merge.merge_shardings(config),
+        on_restore=report,
     )
     info = {
         "source": workdir,

@@ -8,13 +8,13 @@ or `--config.train.num_steps=50`. Rerunning the same command resumes from the la
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.distributed import initialize_distributed
 from experiments.logs import quiet_library_logs
 from ling_jax.train.finite import NonFiniteError
 from ling_jax.train.trainer import train_and_evaluate
@@ -22,32 +22,7 @@ from ling_jax.train.workdir_lock import WorkdirLockedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU pods."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def initialize_distributed() -> None:
-    """Joins the other processes of the run, if there are any.
-
-    On a multi-host TPU slice or multislice, JAX finds its peers from the TPU environment; on
-    other machines (e.g. several CPU processes on localhost) pass the three flags above.
-    """
-    if _COORDINATOR.value is not None:
-        if jax.config.jax_platforms in (None, "", "cpu"):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-        )
-        return
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
 
 
 def main(argv: list[str]) -> None:

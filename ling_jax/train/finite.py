@@ -45,24 +45,28 @@ def _path_name(path) -> str:
 def first_nonfinite_leaf(tree: Any) -> str | None:
     """The path of the first floating-point leaf of `tree` holding NaN or inf, else None.
 
-    Device arrays are reduced on device (one boolean per leaf comes back), so a sharded state
-    is never gathered to the host.
+    Device arrays are reduced on device in one jitted call (one boolean per leaf comes back),
+    so a sharded state is never gathered to the host; eager per-leaf reductions of sharded
+    arrays also aborted intermittently on simulated multi-device CPU meshes.
     """
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    flags = []
-    for path, leaf in leaves:
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-            continue
-        if isinstance(leaf, np.ndarray | np.generic):
-            flags.append((path, np.isfinite(leaf).all()))
-        else:
-            flags.append((path, jnp.isfinite(leaf).all()))
-    fetched = jax.device_get([flag for _, flag in flags])
-    for (path, _), ok in zip(flags, fetched, strict=True):
+    leaves = [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if getattr(leaf, "dtype", None) is not None and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    on_host = [isinstance(leaf, np.ndarray | np.generic) for _, leaf in leaves]
+    on_device = [leaf for (_, leaf), host in zip(leaves, on_host, strict=True) if not host]
+    device_flags = iter(jax.device_get(_all_finite(on_device)))
+    for (path, leaf), host in zip(leaves, on_host, strict=True):
+        ok = np.isfinite(leaf).all() if host else next(device_flags)
         if not bool(ok):
             return _path_name(path)
     return None
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.isfinite(leaf).all() for leaf in leaves]
 
 
 def step_is_finite(metrics: Mapping[str, jax.Array]) -> jax.Array:

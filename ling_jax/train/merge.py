@@ -3,30 +3,37 @@
     steps = select_steps(snapshot_steps(workdir), last=8)
     target = merge_target(config)                            # abstract params + expert_bias
     merged = merge_snapshots(workdir, steps, merge_weights(len(steps), "linear"), target,
-                             model_fields(config))          # fp32, structure of `target`
+                             model_fields(config),          # fp32, structure of `target`
+                             shardings=merge_shardings(config))  # sharded, or omit: numpy
     write_merged_checkpoint(config, output_workdir, merged, source_workdir=workdir,
                             step=steps[-1], info={...})      # a snapshot experiments.run resumes
 
 Only the model weights are merged: `state.params` and the fp32 router `state.expert_bias`, with
 the same weights. Each snapshot's two subtrees are read with an orbax partial restore (the
-optimizer state is never read), accumulated in fp32 and released before the next one is read,
-so host memory holds one snapshot's weights plus the running sum however many are merged.
+optimizer state is never read), accumulated in fp32 and released before the next one is read.
+With `shardings` (the run's layout on its mesh, `merge_shardings(config)`), each process reads
+only its own shards as jax.Arrays and the running sum lives in the same shards on device, so a
+host holds its shards of one snapshot plus of the sum, however large the model and however many
+snapshots are merged: the multi-host path. Without, the arrays are whole host numpy arrays.
 Every selected snapshot is checked first (metadata only): a missing snapshot, a partial one
 (an item absent), one written for other model fields, or one whose weight shapes differ is
 refused with an error naming it, before any weight is read.
 
 The merged snapshot is a regular one, `<output>/checkpoints/<step>/` at the last merged step:
-the merged weights, a fresh optimizer state (zero Adam moments; its step counts set to the
-merged step so the learning-rate schedule and the logged `lr` continue where the run stood,
-while bias correction damps the first updates as the moments refill), the data-iterator state
+the merged weights, a fresh optimizer state (created in its sharded layout inside `jit`, never
+as a whole host copy; orbax writes each process's shards, process 0 the metadata): zero Adam
+moments, its step counts set to the merged step so the learning-rate schedule and the logged
+`lr` continue where the run stood, while bias correction damps the first updates as the
+moments refill; the data-iterator state
 of the last merged snapshot (a resumed run reads the batches that run would have read next) and
 `meta["merge"]` recording the source, the steps and the weights.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,8 +43,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from ling_jax.io import paths
+from ling_jax.parallel.mesh import make_mesh
 from ling_jax.train import sharded_state
 from ling_jax.train.checkpointing import (
     _RUNTIME_MODEL_FIELDS,
@@ -182,6 +192,28 @@ def merge_target(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"params": state.params, "expert_bias": state.expert_bias}
 
 
+def merge_shardings(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dict[str, Any]:
+    """{"params", "expert_bias"}: the NamedShardings a run of `config` lays its weights out in,
+    on `mesh` (default: `config.mesh` over all devices of all processes)."""
+    optimizer, _ = abstract_train_state(config)
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
+    _, _, shardings = sharded_state.train_state_shardings(config.model, optimizer, mesh)
+    return {"params": shardings.params, "expert_bias": shardings.expert_bias}
+
+
+def held_bytes(tree: Any) -> tuple[int, int]:
+    """(bytes this process holds, bytes of the whole arrays) of a tree of arrays: a jax.Array
+    counts only its shards on this process's devices, a numpy array all of it."""
+    held = total = 0
+    for leaf in jax.tree.leaves(tree):
+        total += leaf.size * leaf.dtype.itemsize
+        if isinstance(leaf, jax.Array):
+            held += sum(shard.data.nbytes for shard in leaf.addressable_shards)
+        else:
+            held += leaf.nbytes
+    return held, total
+
+
 def _key(entry: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(entry, attr):
@@ -241,12 +273,28 @@ def check_snapshot(
     return meta
 
 
-def restore_weights(workdir: str, step: int, target: Mapping[str, Any]) -> dict[str, Any]:
-    """Reads only `state.params` and `state.expert_bias` of a snapshot, as host numpy arrays
-    in the structure of `target` (an orbax partial restore: `opt_state` is not read)."""
+def restore_weights(
+    workdir: str, step: int, target: Mapping[str, Any], shardings: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Reads only `state.params` and `state.expert_bias` of a snapshot in the structure of
+    `target` (an orbax partial restore: `opt_state` is not read).
+
+    shardings None: whole host numpy arrays in the stored dtypes. Otherwise jax.Arrays laid out
+    by `shardings` (same structure) in `target`'s dtypes: each process reads only its shards.
+    Raises NonFiniteError if a weight holds NaN/inf (checked on device, nothing gathered).
+    """
     path = epath.Path(checkpoint_dir(workdir)) / str(step) / "state"
     item = {name: target[name] for name in WEIGHT_ITEMS}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    if shardings is None:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    else:
+        restore_args = jax.tree.map(
+            lambda t, sharding: ocp.ArrayRestoreArgs(
+                sharding=sharding, global_shape=t.shape, dtype=t.dtype
+            ),
+            item,
+            {name: shardings[name] for name in WEIGHT_ITEMS},
+        )
     handler = ocp.PyTreeCheckpointHandler()
     try:
         weights = handler.restore(
@@ -269,21 +317,29 @@ def merge_snapshots(
     weights: Sequence[float] | np.ndarray,
     target: Mapping[str, Any],
     fields: Mapping[str, Any],
+    *,
+    shardings: Mapping[str, Any] | None = None,
+    on_restore: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Σ_j weights[j] · weights of snapshot steps[j], in fp32, with the structure of `target`.
 
     All snapshots are checked (metadata) before the first is read; then they are read one at a
-    time and added into the running fp32 sum.
+    time and added into the running fp32 sum: host numpy arrays, or with `shardings` (see
+    `merge_shardings`) jax.Arrays in those shardings, summed on device shard by shard.
+    on_restore(step, snapshot) sees each snapshot as read (e.g. to report what a host holds).
     """
     weights = np.asarray(weights, np.float64)
     if len(steps) != len(weights) or not steps:
         raise ValueError(f"{len(steps)} snapshots {list(steps)} but {len(weights)} weights")
     for step in steps:
         check_snapshot(workdir, step, fields, target)
+    accumulate = _accumulate if shardings is None else _accumulate_on_device
     total = None
     for step, weight in zip(steps, weights, strict=True):
-        snapshot = restore_weights(workdir, step, target)
-        total = _accumulate(total, snapshot, np.float32(weight))
+        snapshot = restore_weights(workdir, step, target, shardings)
+        if on_restore is not None:
+            on_restore(step, snapshot)
+        total = accumulate(total, snapshot, np.float32(weight))
         del snapshot  # One snapshot's weights live at a time.
     return total
 
@@ -295,6 +351,22 @@ def _accumulate(total: Any, snapshot: Any, weight: np.float32) -> Any:
     return jax.tree.map(
         lambda acc, x: np.add(acc, weight * np.asarray(x, np.float32), out=acc), total, snapshot
     )
+
+
+@jax.jit
+def _scaled(snapshot: Any, weight: jax.Array) -> Any:
+    return jax.tree.map(lambda x: weight * x.astype(jnp.float32), snapshot)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _add_scaled(total: Any, snapshot: Any, weight: jax.Array) -> Any:
+    # Donated: the sum is updated in its own buffers (elementwise, so shardings are kept).
+    return jax.tree.map(lambda acc, x: acc + weight * x.astype(jnp.float32), total, snapshot)
+
+
+def _accumulate_on_device(total: Any, snapshot: Any, weight: np.float32) -> Any:
+    """total + weight * snapshot in fp32 on each device's shards (total None: the first term)."""
+    return _scaled(snapshot, weight) if total is None else _add_scaled(total, snapshot, weight)
 
 
 def cast_like(tree: Any, target: Any) -> Any:
@@ -324,6 +396,34 @@ def _reset_counts(opt_state: Any, step: int) -> Any:
     return jax.tree_util.tree_map_with_path(reset, opt_state)
 
 
+def merged_train_state(
+    config: ml_collections.ConfigDict,
+    merged: Mapping[str, Any],
+    step: int,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """The TrainState a merged snapshot holds, created in the run's sharded layout on `mesh`
+    inside one `jit` (no host copy of the optimizer state): the merged weights in the config's
+    dtypes, zero Adam moments, the step and the optax step counts set to `step`."""
+    optimizer, abstract = abstract_train_state(config)
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
+    _, _, shardings = sharded_state.train_state_shardings(config.model, optimizer, mesh)
+
+    def build(params: Any, expert_bias: Any) -> TrainState:
+        params = jax.tree.map(lambda x, t: x.astype(t.dtype), params, abstract.params)
+        expert_bias = jax.tree.map(
+            lambda x, t: x.astype(t.dtype), expert_bias, abstract.expert_bias
+        )
+        return TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params=params,
+            expert_bias=expert_bias,
+            opt_state=_reset_counts(optimizer.init(params), step),
+        )
+
+    return jax.jit(build, out_shardings=shardings)(merged["params"], merged["expert_bias"])
+
+
 def write_merged_checkpoint(
     config: ml_collections.ConfigDict,
     output_workdir: str,
@@ -332,8 +432,12 @@ def write_merged_checkpoint(
     source_workdir: str,
     step: int,
     info: Mapping[str, Any],
+    mesh: Mesh | None = None,
 ) -> str:
     """Writes `merged` as snapshot `step` of `output_workdir`; returns its path.
+
+    `merged`: host numpy arrays or (multi-process) sharded jax.Arrays; the state is laid out on
+    `mesh` (default: `config.mesh`), each process writing its shards.
 
     The data state comes from snapshot `step` of `source_workdir`, the trained tokenizer (if
     any) is copied along, and `meta["merge"] = info`. Refuses an output holding snapshots.
@@ -341,21 +445,13 @@ def write_merged_checkpoint(
     source_workdir, output_workdir = paths.resolve(source_workdir), paths.resolve(output_workdir)
     if source_workdir == output_workdir:
         raise ValueError(f"--output must differ from the source workdir {source_workdir}")
-    optimizer, abstract = abstract_train_state(config)
-    params = jax.tree.map(jnp.asarray, cast_like(merged["params"], abstract.params))
-    expert_bias = jax.tree.map(jnp.asarray, cast_like(merged["expert_bias"], abstract.expert_bias))
-    state = TrainState(
-        step=jnp.asarray(step, jnp.int32),
-        params=params,
-        expert_bias=expert_bias,
-        opt_state=_reset_counts(optimizer.init(params), step),
-    )
     source_data = paths.join(checkpoint_dir(source_workdir), str(step), "data")
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if not paths.exists(paths.join(source_data, name)):
         raise ValueError(f"snapshot {paths.dirname(source_data)} is partial: no data/{name}")
     data_state = _SavedIteratorState(paths.read_bytes(paths.join(source_data, name)))
 
+    state = merged_train_state(config, merged, step, mesh=mesh)
     cfg = config.checkpoint.copy_and_resolve_references()
     cfg.async_save = False
     checkpointer = Checkpointer(output_workdir, cfg, config.model)
@@ -369,13 +465,16 @@ def write_merged_checkpoint(
         checkpointer.save(step, state, data_state, force=True, extra_meta={"merge": dict(info)})
     finally:
         checkpointer.close()
-    output_data = paths.join(checkpointer.directory, str(step), "data")
-    for other in paths.listdir(source_data):  # The other hosts' iterator states, if any.
-        if other.startswith("process_") and not paths.exists(paths.join(output_data, other)):
-            paths.copy(paths.join(source_data, other), paths.join(output_data, other))
-    tokenizer = paths.join(source_workdir, TOKENIZER_DIR)
-    if paths.isdir(tokenizer) and not paths.exists(paths.join(output_workdir, TOKENIZER_DIR)):
-        paths.copytree(tokenizer, paths.join(output_workdir, TOKENIZER_DIR))
+    if jax.process_index() == 0:  # One process copies the files the hosts share.
+        output_data = paths.join(checkpointer.directory, str(step), "data")
+        for other in paths.listdir(source_data):  # Iterator states of hosts the merge lacks.
+            if other.startswith("process_") and not paths.exists(paths.join(output_data, other)):
+                paths.copy(paths.join(source_data, other), paths.join(output_data, other))
+        tokenizer = paths.join(source_workdir, TOKENIZER_DIR)
+        if paths.isdir(tokenizer) and not paths.exists(paths.join(output_workdir, TOKENIZER_DIR)):
+            paths.copytree(tokenizer, paths.join(output_workdir, TOKENIZER_DIR))
+    if jax.process_count() > 1:  # The others wait for them (e.g. --evaluate reads the tokenizer).
+        multihost_utils.sync_global_devices("ling_jax merged snapshot written")
     return paths.join(checkpointer.directory, str(step))
 
 
@@ -406,10 +505,10 @@ def initialize_weights_from(workdir: str, state: TrainState, shardings: TrainSta
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.expert_bias
         ),
     }
-    weights = restore_weights(workdir, steps[-1], target)
-    return state.replace(
-        params=jax.device_put(cast_like(weights["params"], state.params), shardings.params),
-        expert_bias=jax.device_put(
-            cast_like(weights["expert_bias"], state.expert_bias), shardings.expert_bias
-        ),
-    )
+    weights = restore_weights(
+        workdir,
+        steps[-1],
+        target,
+        {"params": shardings.params, "expert_bias": shardings.expert_bias},
+    )  # Each process reads only its shards, in the state's dtypes.
+    return state.replace(params=weights["params"], expert_bias=weights["expert_bias"])

@@ -5,7 +5,8 @@ With `eval.merged_every_steps = K` the trainer evaluates, every K steps, the wei
 every snapshot) merged with the weights of `eval.merged_decay_shape`, and logs the results next
 to the other metrics as eval/merged_loss, eval/merged_bits_per_byte, ... The merge is read from
 disk by the streaming merge of `ling_jax.train.merge`, so the cost is one snapshot's weights
-plus the running sum in host memory and one evaluation.
+plus the running sum (each host only its shards, given the run's state shardings) and one
+evaluation.
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ class MergedEvaluation:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
             {"params": state.params, "expert_bias": state.expert_bias},
         )
-        merged = merge_snapshots(self._workdir, candidates, self._weights, target, self._fields)
-        merged = jax.device_put(cast_like(merged, target), self._shardings)
+        if isinstance(self._shardings, dict):  # The run's layout: each host reads its shards.
+            merged = merge_snapshots(
+                self._workdir,
+                candidates,
+                self._weights,
+                target,
+                self._fields,
+                shardings=self._shardings,
+            )
+            merged = jax.tree.map(lambda x, t: x.astype(t.dtype), merged, target)
+        else:
+            merged = merge_snapshots(self._workdir, candidates, self._weights, target, self._fields)
+            merged = jax.device_put(cast_like(merged, target), self._shardings)
         return state.replace(params=merged["params"], expert_bias=merged["expert_bias"])

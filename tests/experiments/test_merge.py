@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
+from absl import app, flags
 
 from experiments.configs import smoke, wsm_compare
 from ling_jax.train import merge
@@ -136,3 +136,17 @@ def test_comparison_configs(schedule):
     assert wsm_compare.branch_step(cfg) == 320
     if schedule == "wsm":
         assert cfg.checkpoint.keep_period == 320 and cfg.eval.merged_num_snapshots == 8
+
+
+def test_hf_output_is_refused_on_several_processes(tmp_path, monkeypatch):
+    """The HF export reads the snapshot on one host: asked of a multi-process merge, it is
+    refused before anything is read or written."""
+    from experiments import merge as merge_command  # defines absl flags: import here only
+
+    flags.FLAGS.unparse_flags()
+    argv = ["merge", f"--workdir={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]
+    flags.FLAGS([*argv, f"--hf_output={tmp_path / 'hf'}"])
+    monkeypatch.setattr(merge_command.jax, "process_count", lambda: 2)
+    with pytest.raises(app.UsageError, match="--hf_output exports on one process"):
+        merge_command.main(argv[:1])
+    assert not os.listdir(tmp_path)

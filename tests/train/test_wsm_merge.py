@@ -19,8 +19,9 @@ import pytest
 
 from experiments.configs import smoke
 from ling_jax.convert.hf import save_hf_state
-from ling_jax.train import merge
+from ling_jax.train import checkpointing, merge
 from ling_jax.train.checkpointing import Checkpointer
+from ling_jax.train.finite import NonFiniteError
 from ling_jax.train.train_step import TrainState
 
 STEPS = (10, 20, 30)
@@ -285,3 +286,72 @@ def test_fields_now_runtime_only_do_not_count(copy_of_run, config):
     with open(meta_file, "w") as f:
         json.dump(meta, f)
     merge.check_snapshot(workdir, 30, merge.model_fields(config), merge.merge_target(config))
+
+
+def fsdp(config):
+    """`config` on an FSDP mesh over the 8 simulated devices: the weights are split 8 ways."""
+    cfg = config.copy_and_resolve_references()
+    cfg.mesh.ici.data, cfg.mesh.ici.fsdp = 1, -1
+    return cfg
+
+
+def assert_laid_out(tree, shardings) -> None:
+    """Every leaf is a jax.Array in its sharding, each device holding only its shard."""
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+        assert isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+        for shard in leaf.addressable_shards:
+            assert shard.data.shape == sharding.shard_shape(leaf.shape)
+
+
+def test_sharded_merge_equals_the_numpy_merge(run, config, tmp_path):
+    """On an FSDP mesh each snapshot is read as sharded arrays and summed shard by shard; the
+    result, and the merged snapshot written from it, equal the host numpy merge."""
+    workdir, _ = run
+    cfg = fsdp(config)
+    target, fields = merge.merge_target(cfg), merge.model_fields(cfg)
+    weights = [0.2, 0.3, 0.5]
+    shardings = merge.merge_shardings(cfg)
+    split = [
+        s.shard_shape(t.shape) != t.shape
+        for t, s in zip(jax.tree.leaves(target), jax.tree.leaves(shardings), strict=True)
+    ]
+    assert sum(split) > len(split) // 2  # most weights are really split over the mesh
+    seen = []
+
+    def check(step, snapshot):
+        assert_laid_out(snapshot, shardings)
+        seen.append(step)
+
+    sharded = merge.merge_snapshots(
+        workdir, STEPS, weights, target, fields, shardings=shardings, on_restore=check
+    )
+    reference = merge.merge_snapshots(workdir, STEPS, weights, target, fields)
+    assert seen == list(STEPS)
+    assert_laid_out(sharded, shardings)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference), strict=True):
+        assert got.dtype == jnp.float32
+        # Equal up to fp32 rounding (XLA may fuse the multiply-add).
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+    output = str(tmp_path / "merged")
+    merge.write_merged_checkpoint(cfg, output, sharded, source_workdir=workdir, step=30, info={})
+    written = merge.restore_weights(output, 30, target)
+    for got, want in zip(
+        jax.tree.leaves(written), jax.tree.leaves(merge.cast_like(sharded, target)), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sharded_merge_refuses_nonfinite_weights(copy_of_run, config, monkeypatch):
+    workdir, cfg = copy_of_run, fsdp(config)
+    # A snapshot damaged on disk (the trainer itself refuses to save NaN/inf).
+    monkeypatch.setattr(checkpointing, "first_nonfinite_leaf", lambda tree: None)
+    state = random_state(cfg, 40, seed=4)
+    leaves, treedef = jax.tree.flatten(state.params)
+    leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(jnp.nan)
+    save_snapshot(workdir, cfg, 40, state.replace(params=jax.tree.unflatten(treedef, leaves)))
+    target, fields = merge.merge_target(cfg), merge.model_fields(cfg)
+    with pytest.raises(NonFiniteError, match=r"checkpoints/40 holds NaN/inf weights"):
+        merge.merge_snapshots(
+            workdir, [30, 40], [0.5, 0.5], target, fields, shardings=merge.merge_shardings(cfg)
+        )
