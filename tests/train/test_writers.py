@@ -1,11 +1,9 @@
 """Metric files without TensorFlow: TensorBoard events read back by TensorBoard's own reader,
-locally and on a GCS emulator; the MFU peak and where it comes from."""
+locally (tests/cloud covers a bucket); the MFU peak and where it comes from."""
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 import types
 
 import pytest
@@ -40,45 +38,6 @@ def test_make_writer_writes_tensorboard_events_and_jsonl(tmp_path):
     assert [r["step"] for r in metrics.read_metrics(workdir)] == [1, 2]
     (hparams,) = tensorboard_events(workdir).Tensors("hparams/text_summary")
     assert b'"peak_lr": 0.003' in hparams.tensor_proto.string_val[0]
-
-
-@pytest.fixture
-def gcs_bucket(monkeypatch):
-    """A GCS emulator in this process with one bucket; google-cloud-storage is pointed at it."""
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    server = create_server("localhost", port, in_memory=True, default_bucket="bucket")
-    server.start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://localhost:{port}")
-    yield "bucket"
-    server.stop()
-
-
-def test_tensorboard_writer_writes_to_gcs(gcs_bucket, tmp_path, monkeypatch):
-    from google.cloud import storage
-
-    def uploaded() -> dict[str, list[tuple[int, float]]]:
-        blobs = list(storage.Client().list_blobs(gcs_bucket, prefix="runs/a/"))
-        assert [os.path.basename(b.name)[:19] for b in blobs] == ["events.out.tfevents"]
-        local = tmp_path / str(len(list(tmp_path.iterdir())))
-        local.mkdir()
-        blobs[0].download_to_filename(str(local / os.path.basename(blobs[0].name)))
-        return tensorboard_scalars(str(local))
-
-    monkeypatch.setattr(writers, "GCS_UPLOAD_SECONDS", 0.0)
-    writer = writers.TensorBoardWriter(f"gs://{gcs_bucket}/runs/a")
-    writer.write_scalars(5, {"eval/loss": 3.25})
-    writer.flush()
-    assert uploaded()["eval/loss"] == [(5, 3.25)]
-    monkeypatch.setattr(writers, "GCS_UPLOAD_SECONDS", 3600.0)
-    writer.write_scalars(10, {"eval/loss": 3.0})
-    writer.flush()  # Within GCS_UPLOAD_SECONDS of the last upload: not uploaded yet ...
-    assert uploaded()["eval/loss"] == [(5, 3.25)]
-    writer.close()  # ... and close() uploads the rest.
-    assert uploaded()["eval/loss"] == [(5, 3.25), (10, 3.0)]
 
 
 def test_gcs_event_file_path_must_name_an_object():
