@@ -55,7 +55,6 @@ from ling_jax.convert.hf_io import (
     first_names,
     plan_shards,
     prepare_output,
-    prepare_remote_output,
     read_hf_config,
     write_safetensors,
 )
@@ -225,7 +224,7 @@ def save_hf_state(
     config.json. A gs:// `path` is written locally first, then uploaded.
     """
     if paths.is_remote(os.fspath(path)):
-        prepare_remote_output(os.fspath(path), overwrite)
+        prepare_output(path, overwrite)
         with paths.staged_folder(os.fspath(path)) as staging:
             save_hf_state(state, config, staging, max_shard_bytes, dtype, overwrite, fp8)
         return

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ling_jax.convert.hf import save_pretrained
-from ling_jax.convert.hf_io import CONFIG_FILE, prepare_remote_output
+from ling_jax.convert.hf_io import CONFIG_FILE, prepare_output
 from ling_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from ling_jax.infer.loading import load_checkpoint
 from ling_jax.io import paths
@@ -126,7 +126,7 @@ def export_workdir(
     the weights (None keeps the stored dtype). A gs:// `output` is written locally, then
     uploaded."""
     if paths.is_remote(os.fspath(output)):
-        prepare_remote_output(os.fspath(output), overwrite)
+        prepare_output(output, overwrite)
         with paths.staged_folder(os.fspath(output)) as staging:
             return export_workdir(
                 workdir,

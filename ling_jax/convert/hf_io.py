@@ -165,8 +165,14 @@ def write_safetensors(file: Path, specs, tensors: Iterator[tuple[str, np.ndarray
     return offset
 
 
-def prepare_remote_output(path: str, overwrite: bool) -> None:
-    """`prepare_output` for a gs:// folder (written by uploading a local staging folder)."""
+def prepare_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Readies folder `path` (local or gs://) for a save: it must be empty unless `overwrite`.
+
+    Weights of an earlier save would shadow or confuse the new index, so its weight files and
+    index are removed; nothing else is touched.
+    """
+    path = os.fspath(path)
+    paths.makedirs(path)
     entries = paths.listdir(path) if paths.isdir(path) else []
     if entries and not overwrite:
         raise FileExistsError(
@@ -176,17 +182,3 @@ def prepare_remote_output(path: str, overwrite: bool) -> None:
     for name in entries:
         if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.fullmatch(name):
             paths.remove(paths.join(path, name))
-
-
-def prepare_output(path: Path, overwrite: bool) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    entries = sorted(p.name for p in path.iterdir())
-    if entries and not overwrite:
-        raise FileExistsError(
-            f"{path} is not empty ({first_names(set(entries), 4)}); "
-            "pass overwrite=True (--overwrite) to write there"
-        )
-    # Weights of an earlier save would shadow or confuse the new index; nothing else is touched.
-    for name in entries:
-        if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.fullmatch(name):
-            (path / name).unlink()
