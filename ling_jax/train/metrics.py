@@ -89,7 +89,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 def _write_atomically(path: epath.Path, text: str) -> None:
     """Replaces `path` by `text`: temp file + rename locally, one upload on object stores."""
-    if "://" in str(path):
+    if paths.is_remote(str(path)):
         path.write_text(text)
         return
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -32,6 +32,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from ling_jax.io import paths
+
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
@@ -155,7 +157,7 @@ class HeartbeatLock:
 
 def workdir_lock(workdir: str) -> FileLock | HeartbeatLock:
     """The lock kind that suits `workdir`: flock locally, a heartbeat object on gs://."""
-    if "://" in str(workdir):
+    if paths.is_remote(str(workdir)):
         return HeartbeatLock(workdir)
     return FileLock(workdir)
 
